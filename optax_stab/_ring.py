@@ -1,0 +1,140 @@
+"""The ring buffer of the last W values, per leaf or of scalars.
+
+Every windowed filter and every norm history in optax_stab stores its window
+here. Slot ``s`` of a leaf's buffer holds the value pushed ``lags(ring)[s]``
+pushes ago (lag 0 is the newest); slots with ``lag >= filled`` are not yet
+written and must be ignored (``valid(ring)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optax_stab import _numerics
+
+
+class RingBuffer(NamedTuple):
+    """A window of the last ``W`` values of a pytree.
+
+    Attributes:
+        values: Pytree like the tracked tree, each leaf of shape
+            ``(W, *leaf.shape)``; sharded like the tracked leaf.
+        index: int32 scalar, the slot the next push writes.
+        filled: int32 scalar, how many slots hold pushed values (saturates at W).
+    """
+
+    values: Any
+    index: jax.Array
+    filled: jax.Array
+
+
+def _stack_zeros(x: jax.Array, window: int, dtype: Any) -> jax.Array:
+    # broadcast_to(zeros_like(p)[None]) keeps the leaf's sharding on the
+    # trailing axes; jnp.zeros((W,) + shape) would lose it.
+    x = jnp.asarray(x)
+    zeros = jnp.zeros_like(x, dtype=x.dtype if dtype is None else dtype)
+    return jnp.broadcast_to(zeros[None], (window, *x.shape))
+
+
+def init(tree: Any, window: int, dtype: Any = None) -> RingBuffer:
+    """An empty ring of ``window`` slots for each leaf of ``tree``.
+
+    Args:
+        tree: Pytree of arrays (or a scalar) whose shapes and shardings the
+            slots copy.
+        window: Number of slots, a static int >= 1.
+        dtype: Slot dtype; ``None`` keeps each leaf's dtype.
+    """
+    values = jax.tree.map(lambda x: _stack_zeros(x, window, dtype), tree)
+    return RingBuffer(values, _numerics.zero_count(), _numerics.zero_count())
+
+
+def init_scalar(window: int, dtype: Any = jnp.float32) -> RingBuffer:
+    """An empty ring of ``window`` scalars (a norm or loss history)."""
+    return init(jnp.zeros([], dtype), window)
+
+
+def window_size(ring: RingBuffer) -> int:
+    """The static number of slots."""
+    return jax.tree.leaves(ring.values)[0].shape[0]
+
+
+def push(ring: RingBuffer, tree: Any, where: Any = True) -> RingBuffer:
+    """Writes ``tree`` into the next slot; a no-op where ``where`` is False.
+
+    Values are cast to the slot dtype. ``filled`` saturates at the window size.
+    """
+    w = window_size(ring)
+    where = jnp.asarray(where)
+
+    def write(buf, x):
+        x = jnp.asarray(x).astype(buf.dtype)
+        old = jax.lax.dynamic_index_in_dim(buf, ring.index, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(
+            buf, jnp.where(where, x, old), ring.index, axis=0
+        )
+
+    values = jax.tree.map(write, ring.values, tree)
+    index = jnp.where(where, (ring.index + 1) % w, ring.index).astype(jnp.int32)
+    filled = jnp.where(where, jnp.minimum(ring.filled + 1, w), ring.filled)
+    return RingBuffer(values, index, filled.astype(jnp.int32))
+
+
+def lags(ring: RingBuffer) -> jax.Array:
+    """int32 ``(W,)``: how many pushes ago each slot was written (0 = newest)."""
+    w = window_size(ring)
+    newest = ring.index - 1
+    return ((newest - jnp.arange(w, dtype=jnp.int32)) % w).astype(jnp.int32)
+
+
+def valid(ring: RingBuffer) -> jax.Array:
+    """bool ``(W,)``: which slots hold pushed values."""
+    return lags(ring) < ring.filled
+
+
+def slot_weights(ring: RingBuffer, lag_weights: jax.Array) -> jax.Array:
+    """Per-slot weights from per-lag weights, renormalised over filled slots.
+
+    Args:
+        ring: The ring, after the newest push.
+        lag_weights: ``(W,)`` weights, ``lag_weights[k]`` for lag ``k``.
+
+    Returns:
+        ``(W,)`` weights in ``lag_weights``' dtype that are zero on unfilled
+        slots and sum to one over the filled ones.
+    """
+    w = lag_weights[lags(ring)]
+    w = jnp.where(valid(ring), w, jnp.zeros_like(w))
+    return w / jnp.sum(w)
+
+
+def weighted_sum(
+    ring: RingBuffer, weights: jax.Array, like: Any, dtype: Any = jnp.float32
+) -> Any:
+    """``sum_s weights[s] * values[s]`` per leaf, computed in ``dtype``.
+
+    The result takes the dtypes of the matching leaves of ``like``.
+    """
+
+    def combine(buf, ref):
+        wb = weights.astype(dtype).reshape((-1,) + (1,) * (buf.ndim - 1))
+        return jnp.sum(wb * buf.astype(dtype), axis=0).astype(ref.dtype)
+
+    return jax.tree.map(combine, ring.values, like)
+
+
+def masked_mean_std(ring: RingBuffer) -> tuple[jax.Array, jax.Array]:
+    """Mean and population std over the filled slots of a scalar ring.
+
+    Both are 0 while the ring is empty.
+    """
+    values = ring.values
+    ok = valid(ring)
+    n = jnp.maximum(ring.filled, 1).astype(values.dtype)
+    x = jnp.where(ok, values, jnp.zeros_like(values))
+    mean = jnp.sum(x) / n
+    var = jnp.sum(jnp.where(ok, jnp.square(values - mean), 0)) / n
+    return mean, jnp.sqrt(var)

@@ -1,0 +1,400 @@
+"""Temporal gradient filters (EMA, FIR windows, median) and ``amplify_slow``.
+
+All filters run over **time**, per coordinate: the output for a coordinate
+depends only on that coordinate's past gradients. A step whose gradients hold
+any NaN or Inf passes through unchanged (so a downstream guard sees it) and
+leaves the filter state untouched, so one bad step never poisons the window.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_stab import _median, _numerics, _ring, _tree, _validate
+
+
+def _filtered(updates: Any, smoothed: Any, finite: jax.Array) -> Any:
+    return _tree.select(finite, smoothed, updates)
+
+
+# --------------------------------------------------------------------------- EMA
+class EmaSmoothingState(NamedTuple):
+    """State of :func:`ema_smoothing`.
+
+    Attributes:
+        count: Finite steps seen; int32 scalar, saturating.
+        ema: Biased EMA of the gradients; like the params, in
+            ``accumulator_dtype`` if given.
+    """
+
+    count: jax.Array
+    ema: Any
+
+
+def ema_smoothing(
+    decay: jax.typing.ArrayLike = 0.9,
+    *,
+    debias: bool = True,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Smooths gradients over time with an exponential moving average.
+
+    .. math::
+        m_t = \beta m_{t-1} + (1 - \beta) g_t, \qquad
+        u_t = m_t / (1 - \beta^t) \;\text{(debiased)}.
+
+    With ``debias=True`` the first output is the gradient itself and the scale
+    of the gradients is kept at every step. The EMA is computed in float32 and
+    stored in ``accumulator_dtype``. A step with any non-finite gradient is
+    passed through unchanged and does not enter the average. Memory: one copy
+    of the params.
+
+    Args:
+        decay: EMA decay :math:`\beta`, in [0, 1); 0 is the identity.
+        debias: Whether to divide by :math:`1 - \beta^t`.
+        accumulator_dtype: dtype of the stored EMA; ``None`` keeps the param
+            dtype, ``jnp.bfloat16`` halves the memory of float32 params.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+        ValueError: If ``decay`` is outside [0, 1).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax_stab
+        >>> tx = optax_stab.ema_smoothing(0.5)
+        >>> state = tx.init(jnp.zeros(2))
+        >>> u, state = tx.update(jnp.array([1.0, 2.0]), state)
+        >>> u, state = tx.update(jnp.array([3.0, 2.0]), state)
+        >>> print(u)  # (0.25 * 1 + 0.5 * 3) / 0.75; a constant 2 stays 2
+        [2.3333335 2.       ]
+
+    .. seealso:: :func:`moving_average`, :func:`amplify_slow`.
+    """
+    _validate.check_interval("decay", decay, low=0.0, high=1.0, low_closed=True)
+
+    def init_fn(params):
+        ema = jax.tree.map(
+            lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype), params
+        )
+        return EmaSmoothingState(count=_numerics.zero_count(), ema=ema)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        beta = _numerics.as_stat(decay)
+        finite = _tree.all_finite(updates)
+        new = jax.tree.map(
+            lambda m, g: (
+                beta * m.astype(jnp.float32) + (1 - beta) * g.astype(jnp.float32)
+            ),
+            state.ema,
+            updates,
+        )
+        count = _numerics.increment_if(finite, state.count)
+        bias = _numerics.debias(beta, count) if debias else jnp.ones([], jnp.float32)
+        smoothed = jax.tree.map(lambda m, g: (m / bias).astype(g.dtype), new, updates)
+        ema = _tree.select(finite, _tree.cast_like(new, state.ema), state.ema)
+        return _filtered(updates, smoothed, finite), EmaSmoothingState(count, ema)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------- FIR
+class FirSmoothingState(NamedTuple):
+    """State of :func:`fir_smoothing`, :func:`moving_average` and
+    :func:`gaussian_smoothing`.
+
+    Attributes:
+        ring: :class:`optax_stab._ring.RingBuffer` of the last ``window``
+            finite gradients (``window x params`` elements).
+    """
+
+    ring: _ring.RingBuffer
+
+
+def _fir(window: int, lag_weights_fn, accumulator_dtype):
+    def init_fn(params):
+        return FirSmoothingState(_ring.init(params, window, accumulator_dtype))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        finite = _tree.all_finite(updates)
+        ring = _ring.push(state.ring, updates, where=finite)
+        weights = _ring.slot_weights(ring, lag_weights_fn())
+        smoothed = _ring.weighted_sum(ring, weights, like=updates)
+        return _filtered(updates, smoothed, finite), FirSmoothingState(ring)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def fir_smoothing(
+    weights: Any, *, accumulator_dtype: jax.typing.DTypeLike | None = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Smooths gradients over time with any causal FIR filter.
+
+    .. math::
+        u_t = \frac{\sum_{k < n_t} w_k\, g_{t-k}}{\sum_{k < n_t} w_k},
+        \qquad n_t = \min(t, W),
+
+    so during warm-up the filter uses the :math:`n_t` gradients it has, and
+    step 1 returns the gradient itself. Gradients are stored in a ring buffer
+    (``window x params`` elements, ``window = len(weights)``) in
+    ``accumulator_dtype``; the weighted sum is computed in float32. A step with
+    any non-finite gradient is passed through unchanged and not stored.
+
+    Args:
+        weights: Static 1-D vector; ``weights[k]`` weighs lag ``k`` (0 is the
+            current gradient). Every prefix sum must be non-zero.
+        accumulator_dtype: dtype of the ring buffer; ``None`` keeps the param
+            dtype.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+        ValueError: If ``weights`` is empty, not finite, or has a zero prefix sum.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax_stab
+        >>> tx = optax_stab.fir_smoothing([2.0, 1.0, 1.0])
+        >>> state = tx.init(jnp.zeros(1))
+        >>> for g in (4.0, 8.0, 0.0):
+        ...     u, state = tx.update(jnp.array([g]), state)
+        >>> print(u)  # (2 * 0 + 8 + 4) / 4
+        [3.]
+
+    .. seealso:: :func:`moving_average`, :func:`gaussian_smoothing`.
+    """
+    w = _validate.check_weights("weights", weights)
+    w32 = w.astype(np.float32)
+    return _fir(len(w), lambda: jnp.asarray(w32), accumulator_dtype)
+
+
+def moving_average(
+    window: int = 8, *, accumulator_dtype: jax.typing.DTypeLike | None = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Mean of the last ``window`` gradients, per coordinate.
+
+    :math:`u_t = \frac{1}{n_t}\sum_{k<n_t} g_{t-k}` with
+    :math:`n_t = \min(t, W)`: the mean of the gradients seen so far during
+    warm-up, so step 1 returns the gradient itself. Memory:
+    ``window x params`` elements (halve it with
+    ``accumulator_dtype=jnp.bfloat16``). A step with any non-finite gradient
+    is passed through unchanged and not stored.
+
+    Args:
+        window: Number of gradients averaged; a static int >= 1 (list it in
+            ``static_args`` of ``optax.inject_hyperparams``).
+        accumulator_dtype: dtype of the ring buffer; ``None`` keeps the param
+            dtype.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+        ValueError: If ``window`` is not an int >= 1.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax_stab
+        >>> tx = optax_stab.moving_average(2)
+        >>> state = tx.init(jnp.zeros(1))
+        >>> for g in (1.0, 2.0, 6.0):
+        ...     u, state = tx.update(jnp.array([g]), state)
+        >>> print(u)
+        [4.]
+    """
+    _validate.check_int("window", window, low=1)
+    return _fir(window, lambda: jnp.ones([window], jnp.float32), accumulator_dtype)
+
+
+def gaussian_weights(window: int, sigma: Any) -> jax.Array:
+    """Lag weights ``exp(-k**2 / (2 sigma**2))`` for ``k < window`` (unnormalised)."""
+    k = jnp.arange(window, dtype=jnp.float32)
+    s = _numerics.as_stat(sigma)
+    return jnp.exp(-jnp.square(k) / (2 * jnp.square(s)))
+
+
+def gaussian_smoothing(
+    window: int = 8,
+    sigma: jax.typing.ArrayLike | None = None,
+    *,
+    accumulator_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Causal Gaussian-window smoothing of gradients over time.
+
+    Lag :math:`k < W` gets weight :math:`\exp(-k^2 / 2\sigma^2)`, normalised
+    over the lags available (so during warm-up the weights of the
+    :math:`n_t = \min(t, W)` gradients seen sum to one and step 1 returns the
+    gradient itself). Memory: ``window x params`` elements. A step with any
+    non-finite gradient is passed through unchanged and not stored.
+
+    Args:
+        window: Number of lags; a static int >= 1.
+        sigma: Width in steps, > 0; ``None`` means ``window / 2``.
+        accumulator_dtype: dtype of the ring buffer; ``None`` keeps the param
+            dtype.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+        ValueError: If ``window`` is not an int >= 1 or ``sigma <= 0``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax_stab
+        >>> tx = optax_stab.gaussian_smoothing(2, sigma=1.0)
+        >>> state = tx.init(jnp.zeros(1))
+        >>> u, state = tx.update(jnp.array([0.0]), state)
+        >>> u, state = tx.update(jnp.array([1.0]), state)
+        >>> print(u)  # 1 / (1 + exp(-0.5))
+        [0.62245935]
+    """
+    _validate.check_int("window", window, low=1)
+    sigma = window / 2 if sigma is None else sigma
+    _validate.check_interval("sigma", sigma, low=0.0)
+    return _fir(window, lambda: gaussian_weights(window, sigma), accumulator_dtype)
+
+
+# ------------------------------------------------------------------------ median
+class WindowedMedianState(NamedTuple):
+    """State of :func:`windowed_median`.
+
+    Attributes:
+        ring: :class:`optax_stab._ring.RingBuffer` of the last ``window``
+            finite gradients (``window x params`` elements).
+    """
+
+    ring: _ring.RingBuffer
+
+
+def windowed_median(
+    window: int = 5, *, accumulator_dtype: jax.typing.DTypeLike | None = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Coordinate-wise median of the last ``window`` gradients.
+
+    The median keeps edges that a mean blurs and ignores isolated spikes: a
+    single outlier of any size inside a window of 5 leaves the output within
+    the range of the other values. With ``n_t = min(t, W)`` gradients seen, the
+    output is their median (the mean of the two middle values for even
+    ``n_t``), so step 1 returns the gradient itself.
+
+    It is computed with a compare-exchange selection network (``jnp.minimum`` /
+    ``jnp.maximum``), not a sort: one fused pass over the ring buffer, no
+    temporary. Memory: ``window x params`` elements (``accumulator_dtype=
+    jnp.bfloat16`` halves it for float32 params; comparisons are exact in the
+    stored dtype). A step with any non-finite gradient is passed through
+    unchanged and not stored.
+
+    Args:
+        window: Number of gradients; a static int in [1, 32].
+        accumulator_dtype: dtype of the ring buffer; ``None`` keeps the param
+            dtype.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+        ValueError: If ``window`` is not an int in [1, 32].
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax_stab
+        >>> tx = optax_stab.windowed_median(3)
+        >>> state = tx.init(jnp.zeros(2))
+        >>> for g in ([1.0, 5.0], [1000.0, 6.0], [2.0, 7.0]):
+        ...     u, state = tx.update(jnp.array(g), state)
+        >>> print(u)
+        [2. 6.]
+    """
+    _validate.check_int("window", window, low=1, high=_median.MAX_WINDOW)
+
+    def init_fn(params):
+        return WindowedMedianState(_ring.init(params, window, accumulator_dtype))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        finite = _tree.all_finite(updates)
+        ring = _ring.push(state.ring, updates, where=finite)
+        smoothed = _median.ring_median(ring, like=updates)
+        return _filtered(updates, smoothed, finite), WindowedMedianState(ring)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------- amplify_slow
+class AmplifySlowState(NamedTuple):
+    """State of :func:`amplify_slow`.
+
+    Attributes:
+        filter_state: State of the wrapped smoothing filter.
+    """
+
+    filter_state: Any
+
+
+def amplify_slow(
+    strength: jax.typing.ArrayLike = 2.0,
+    filter: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Grokfast: adds the amplified slow component of the gradients.
+
+    :math:`u_t = g_t + \lambda\, S(g)_t`, with :math:`S` any smoothing filter
+    of this module (default ``ema_smoothing(0.98)``, the Grokfast-EMA filter;
+    ``moving_average(w)`` gives Grokfast-MA). A non-finite gradient passes
+    through (the filter skips it).
+
+    Args:
+        strength: Amplification :math:`\lambda`, >= 0; 0 is the identity.
+        filter: A smoothing transform; ``None`` means ``ema_smoothing(0.98)``.
+
+    Returns:
+        An :class:`optax.GradientTransformationExtraArgs`.
+
+    Raises:
+        ValueError: If ``strength`` is negative or NaN.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> import optax_stab
+        >>> tx = optax_stab.amplify_slow(2.0)
+        >>> u, _ = tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))
+        >>> print(u)  # g + 2 * ema(g) = 1 + 2 * 1 on the first step
+        [3.]
+
+    References:
+        Lee et al., `Grokfast: Accelerated Grokking by Amplifying Slow
+        Gradients <https://arxiv.org/abs/2405.20233>`_, 2024
+    """
+    _validate.check_interval("strength", strength, low=0.0, low_closed=True)
+    inner = optax.with_extra_args_support(
+        ema_smoothing(0.98) if filter is None else filter
+    )
+
+    def init_fn(params):
+        return AmplifySlowState(inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        slow, filter_state = inner.update(
+            updates, state.filter_state, params, **extra_args
+        )
+        lam = _numerics.as_stat(strength)
+        out = jax.tree.map(
+            lambda g, s: (g.astype(jnp.float32) + lam * s.astype(jnp.float32)).astype(
+                g.dtype
+            ),
+            updates,
+            slow,
+        )
+        return out, AmplifySlowState(filter_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,81 @@
+"""Pytree norms accumulated in float32, zero-safe, optionally summed over an axis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_stab import _numerics
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt`` whose value and derivative are 0 at 0 (NaN and Inf propagate)."""
+    zero = x == 0
+    return jnp.where(zero, jnp.zeros_like(x), jnp.sqrt(jnp.where(zero, 1, x)))
+
+
+def squared_norm(x: jax.Array, dtype: Any = None) -> jax.Array:
+    """Sum of squares of one array, accumulated in ``dtype`` (default float32)."""
+    dtype = _numerics.resolve_dtype(dtype)
+    return jnp.sum(jnp.square(jnp.asarray(x).astype(dtype)), dtype=dtype)
+
+
+def _psum(x: jax.Array, axis_name: Any) -> jax.Array:
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def leaf_squared_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
+    """Per-leaf sums of squares (a pytree of scalars), summed over ``axis_name``."""
+    return jax.tree.map(lambda x: _psum(squared_norm(x, dtype), axis_name), tree)
+
+
+def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
+    """Per-leaf L2 norms (a pytree of scalars) in float32, zero-safe.
+
+    Args:
+        tree: A pytree of arrays of any float dtype.
+        axis_name: If given, squared norms are summed across this pmap or
+            shard_map axis before the square root, so a leaf split over
+            devices gets its full norm.
+        dtype: Accumulation dtype; ``None`` means float32.
+    """
+    return jax.tree.map(
+        safe_sqrt, leaf_squared_norms(tree, axis_name=axis_name, dtype=dtype)
+    )
+
+
+def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.Array:
+    """Global L2 norm of a pytree, accumulated in float32 whatever the leaf dtype.
+
+    Unlike ``optax.tree.norm`` on bfloat16 leaves, the sum of squares never
+    rounds to bfloat16: 1000 leaves of ``ones(1000, bfloat16)`` give 1000.
+    The value and its derivative are 0 (not NaN) at an all-zero tree; NaN and
+    Inf propagate.
+    """
+    dtype = _numerics.resolve_dtype(dtype)
+    leaves = jax.tree.leaves(tree)
+    total = sum((squared_norm(x, dtype) for x in leaves), jnp.zeros([], dtype))
+    return safe_sqrt(_psum(total, axis_name))
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Boolean scalar: every element of every leaf is finite."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+def scale(tree: Any, factor: jax.Array) -> Any:
+    """Multiplies every leaf by a scalar, keeping each leaf's dtype."""
+    return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
+
+
+def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Leaf-wise ``jnp.where(pred, a, b)`` of two pytrees of equal structure."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def cast_like(tree: Any, reference: Any) -> Any:
+    """Casts each leaf of ``tree`` to the dtype of the matching ``reference`` leaf."""
+    return jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), tree, reference)
