@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 from optax_stab import _numerics
 
+_UNROLL_MAX = 64
+
 
 class RingBuffer(NamedTuple):
     """A window of the last ``W`` values of a pytree.
@@ -119,9 +121,20 @@ def weighted_sum(
     The result takes the dtypes of the matching leaves of ``like``.
     """
 
+    w = weights.astype(dtype)
+    n = window_size(ring)
+
     def combine(buf, ref):
-        wb = weights.astype(dtype).reshape((-1,) + (1,) * (buf.ndim - 1))
-        return jnp.sum(wb * buf.astype(dtype), axis=0).astype(ref.dtype)
+        if n <= _UNROLL_MAX:
+            # One elementwise fusion reading each slot once; XLA's reduction
+            # over a leading axis is several times slower on CPU.
+            acc = w[0] * buf[0].astype(dtype)
+            for s in range(1, n):
+                acc = acc + w[s] * buf[s].astype(dtype)
+        else:
+            wb = w.reshape((-1,) + (1,) * (buf.ndim - 1))
+            acc = jnp.sum(wb * buf.astype(dtype), axis=0)
+        return acc.astype(ref.dtype)
 
     return jax.tree.map(combine, ring.values, like)
 
