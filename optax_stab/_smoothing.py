@@ -119,19 +119,32 @@ class FirSmoothingState(NamedTuple):
     ring: _ring.RingBuffer
 
 
-def _fir(window: int, lag_weights_fn, accumulator_dtype):
+def _ring_filter(window: int, accumulator_dtype, combine, state_cls):
+    """A filter over a ring of the last ``window`` finite gradients.
+
+    ``combine(ring, like)`` reduces the ring (newest gradient pushed) to the
+    smoothed updates; ``state_cls`` wraps the ring.
+    """
+
     def init_fn(params):
-        return FirSmoothingState(_ring.init(params, window, accumulator_dtype))
+        return state_cls(_ring.init(params, window, accumulator_dtype))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         finite = _tree.all_finite(updates)
         ring = _ring.push(state.ring, updates, where=finite)
-        weights = _ring.slot_weights(ring, lag_weights_fn())
-        smoothed = _ring.weighted_sum(ring, weights, like=updates)
-        return _filtered(updates, smoothed, finite), FirSmoothingState(ring)
+        smoothed = combine(ring, updates)
+        return _filtered(updates, smoothed, finite), state_cls(ring)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _fir(window: int, lag_weights_fn, accumulator_dtype):
+    def combine(ring, like):
+        weights = _ring.slot_weights(ring, lag_weights_fn())
+        return _ring.weighted_sum(ring, weights, like=like)
+
+    return _ring_filter(window, accumulator_dtype, combine, FirSmoothingState)
 
 
 def fir_smoothing(
@@ -317,18 +330,9 @@ def windowed_median(
         [2. 6.]
     """
     _validate.check_int("window", window, low=1, high=_median.MAX_WINDOW)
-
-    def init_fn(params):
-        return WindowedMedianState(_ring.init(params, window, accumulator_dtype))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        finite = _tree.all_finite(updates)
-        ring = _ring.push(state.ring, updates, where=finite)
-        smoothed = _median.ring_median(ring, like=updates)
-        return _filtered(updates, smoothed, finite), WindowedMedianState(ring)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _ring_filter(
+        window, accumulator_dtype, _median.ring_median, WindowedMedianState
+    )
 
 
 # ---------------------------------------------------------------- amplify_slow
