@@ -38,3 +38,35 @@ def debias(decay: jax.Array, count: jax.Array) -> jax.Array:
     """Bias correction ``1 - decay**count`` in ``decay``'s dtype; 1 at count 0."""
     c = count.astype(decay.dtype)
     return jnp.where(count > 0, 1 - decay**c, jnp.ones_like(decay))
+
+
+ZSCORE_STD_FLOOR = 1e-3
+"""Relative floor of the standard deviation in :func:`zscore`."""
+
+
+def floored_std(mean: jax.Array, std: jax.Array) -> jax.Array:
+    """``std`` floored at ``1e-3 * |mean|`` and at the dtype's tiny.
+
+    The floor keeps a (nearly) constant history from turning rounding noise
+    into huge z-scores: after a constant history ``c``, a value must exceed
+    ``c * (1 + 1e-3 * z)`` to reach the z-score ``z``.
+    """
+    floor = jnp.maximum(ZSCORE_STD_FLOOR * jnp.abs(mean), tiny(std.dtype))
+    return jnp.maximum(std, floor)
+
+
+def zscore(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    """``(x - mean) / floored_std(mean, std)``; NaN and Inf in ``x`` propagate."""
+    return (x - mean) / floored_std(mean, std)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """float32, or ``dtype`` itself if it is a wider float (float64).
+
+    The dtype to compute in for leaves of ``dtype`` (bfloat16 and float16
+    leaves are computed in float32 and cast back), found without implicit
+    promotion, so it works under ``jax.numpy_dtype_promotion("strict")``.
+    """
+    dtype = jnp.dtype(dtype)
+    wide = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4
+    return dtype if wide else jnp.dtype(jnp.float32)

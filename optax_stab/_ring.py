@@ -151,3 +151,24 @@ def masked_mean_std(ring: RingBuffer) -> tuple[jax.Array, jax.Array]:
     mean = jnp.sum(x) / n
     var = jnp.sum(jnp.where(ok, jnp.square(values - mean), 0)) / n
     return mean, jnp.sqrt(var)
+
+
+def masked_percentile(ring: RingBuffer, q: jax.Array) -> jax.Array:
+    """Percentile ``q`` (in [0, 100]) over the filled slots of a scalar ring.
+
+    Matches ``numpy.percentile(values, q)`` (method ``"linear"``) over the
+    ``filled`` values pushed, whatever their slot order; 0 while the ring is
+    empty. Pushed values must not be NaN.
+    """
+    values = ring.values
+    n = ring.filled
+    last = jnp.maximum(n - 1, 0)
+    ordered = jnp.sort(jnp.where(valid(ring), values, jnp.inf))
+    pos = jnp.asarray(q).astype(values.dtype) / 100 * last.astype(values.dtype)
+    lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, last)
+    hi = jnp.minimum(lo + 1, last)
+    t = pos - lo.astype(values.dtype)
+    a, b = ordered[lo], ordered[hi]
+    # numpy's _lerp: interpolate from the nearer end, for monotonicity.
+    out = jnp.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+    return jnp.where(n > 0, out, jnp.zeros_like(out))

@@ -79,3 +79,51 @@ def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 def cast_like(tree: Any, reference: Any) -> Any:
     """Casts each leaf of ``tree`` to the dtype of the matching ``reference`` leaf."""
     return jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), tree, reference)
+
+
+def combine_norms(norms: Any) -> jax.Array:
+    """Global norm from a pytree of per-leaf norms, without overflow.
+
+    ``sqrt(sum(n_i**2))`` computed as ``m * sqrt(sum((n_i / m)**2))`` with
+    ``m = max n_i``; 0 (with derivative 0) for all-zero norms, Inf or NaN if
+    any norm is.
+    """
+    leaves = jax.tree.leaves(norms)
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    n = jnp.stack([jnp.asarray(x) for x in leaves])
+    m = jnp.max(n)
+    ok = jnp.isfinite(m) & (m > 0)
+    d = jnp.where(ok, m, jnp.ones_like(m))
+    return jnp.where(ok, d * safe_sqrt(jnp.sum(jnp.square(n / d))), m)
+
+
+def scale_where(tree: Any, pred: jax.Array, factor: jax.Array) -> Any:
+    """Leaf-wise ``x * factor`` where ``pred`` holds, else ``x`` bit for bit.
+
+    The product is computed in float32 (or the leaf's wider dtype) and cast
+    back, so a bfloat16 leaf is rounded once. ``factor`` is only read where
+    ``pred`` holds, so an Inf or NaN factor elsewhere leaks into neither the
+    value nor its derivative.
+    """
+
+    def one(x):
+        ct = _numerics.compute_dtype(x.dtype)
+        f = jnp.where(pred, factor, jnp.ones_like(factor)).astype(ct)
+        return jnp.where(pred, (x.astype(ct) * f).astype(x.dtype), x)
+
+    return jax.tree.map(one, tree)
+
+
+def clip_to_norm(
+    tree: Any, norm: jax.Array, max_norm: jax.Array
+) -> tuple[Any, jax.Array]:
+    """Scales ``tree`` (of norm ``norm``) down to ``max_norm`` when above it.
+
+    Returns ``(tree, clipped)``. Where ``norm <= max_norm`` or ``norm`` is not
+    finite, the leaves come back bit for bit; ``max_norm = 0`` with
+    ``norm = 0`` is not a clip (no 0/0). ``max_norm`` may be ``inf``.
+    """
+    clipped = jnp.isfinite(norm) & (norm > max_norm)
+    factor = max_norm / jnp.where(clipped, norm, jnp.ones_like(norm))
+    return scale_where(tree, clipped, factor), clipped

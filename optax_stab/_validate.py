@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 NO_PARAMS_MSG = (
@@ -56,7 +57,8 @@ def check_interval(
     )
     try:
         arr = np.asarray(value)
-        if arr.shape != () or arr.dtype.kind not in "biuf":
+        real = arr.dtype.kind in "biuf" or jnp.issubdtype(arr.dtype, jnp.floating)
+        if arr.shape != () or not real:  # bfloat16 has numpy kind "V"
             raise TypeError
         x = float(arr)
     except (TypeError, ValueError):
@@ -133,3 +135,21 @@ def require_params(params: Any) -> None:
     """Raises the standard ValueError when a transform needs ``params``."""
     if params is None:
         raise ValueError(NO_PARAMS_MSG)
+
+
+def check_count(name: str, value: Any, *, low: int = 0) -> None:
+    """Checks a numeric integer hyperparameter (a step count such as a warm-up).
+
+    Unlike :func:`check_int`, the value may be traced or an integer array, so
+    ``optax.inject_hyperparams`` can sweep it; traced values are skipped.
+
+    Raises:
+        ValueError: If ``value`` is not an integer scalar (bool excluded) >= ``low``.
+    """
+    if is_traced(value):
+        return
+    arr = np.asarray(value)
+    if isinstance(value, bool) or arr.shape != () or arr.dtype.kind not in "iu":
+        raise ValueError(f"`{name}` must be an integer in [{low}, inf), got {value!r}.")
+    if int(arr) < low:
+        raise ValueError(f"`{name}` must be in [{low}, inf), got {value!r}.")

@@ -92,8 +92,136 @@ ENTRIES: list[Entry] = [
         {"strength": 1.0, "filter": optax_stab.windowed_median(3)},
     ),
     # ---------------------------------------------------------------- _clipping
+    Entry(
+        "clip_by_norm",
+        optax_stab.clip_by_norm,
+        {"max_norm": 15.0},
+        sweep=("max_norm", (1.0, 15.0, 100.0)),
+    ),
+    Entry(
+        "clip_by_norm_leaf",
+        optax_stab.clip_by_norm,
+        {"max_norm": 5.0, "scope": "leaf"},
+        sweep=("max_norm", (0.0, 5.0, 100.0)),
+    ),
+    Entry(
+        "autoclip",
+        optax_stab.autoclip,
+        {"percentile": 50.0, "history": 4},
+        static_args=("history",),
+        sweep=("percentile", (10.0, 50.0, 100.0)),
+    ),
+    Entry(
+        "zscore_clip",
+        optax_stab.zscore_clip,
+        {"decay": 0.9, "z_threshold": 1.0, "warmup_steps": 2},
+        sweep=("z_threshold", (0.5, 1.0, 3.0)),
+    ),
+    Entry(
+        "zscore_clip_mean_capped",
+        optax_stab.zscore_clip,
+        {"z_threshold": 0.5, "warmup_steps": 3, "mode": "mean", "max_norm": 20.0},
+        static_args=("warmup_steps",),
+        sweep=("max_norm", (5.0, 20.0, 100.0)),
+    ),
+    Entry(
+        "adaptive_tensor_clip",
+        optax_stab.adaptive_tensor_clip,
+        {"decay": 0.9, "relative": 1.05, "warmup_steps": 2, "warmup_max_norm": 15.0},
+        sweep=("relative", (1.0, 1.05, 2.0)),
+    ),
+    Entry(
+        "spike_clip",
+        optax_stab.spike_clip,
+        {"threshold": 2.0, "decay": 0.9, "warmup_steps": 1},
+        sweep=("threshold", (1.0, 2.0, 50.0)),
+    ),
     # ---------------------------------------------------------------- _amplify
+    Entry(
+        "sign_power",
+        optax_stab.sign_power,
+        {"power": 0.5, "threshold": 1.0},
+        sweep=("power", (0.0, 0.5, 1.0)),
+    ),
+    Entry(
+        "sign_sqrt_amplification",
+        optax_stab.sign_sqrt_amplification,
+        {"threshold": 0.5},
+        sweep=("threshold", (0.1, 1.0, 3.0)),
+    ),
     # ------------------------------------------------------------- _constraints
+    Entry(
+        "clip_weights",
+        optax_stab.clip_weights,
+        {"max_abs": 0.5},
+        sweep=("max_abs", (0.1, 0.5, 2.0)),
+    ),
+    Entry(
+        "add_l1_penalty",
+        optax_stab.add_l1_penalty,
+        {"strength": 0.1},
+        sweep=("strength", (0.0, 0.1, 1.0)),
+    ),
+    # _schedules: the schedule, run as optax.scale_by_schedule.
+    Entry(
+        "inverse_sqrt_decay",
+        lambda init_value, alpha, total_steps: optax.with_extra_args_support(
+            optax.scale_by_schedule(
+                optax_stab.inverse_sqrt_decay(init_value, alpha, total_steps)
+            )
+        ),
+        {"init_value": 0.5, "alpha": 2.0, "total_steps": 3},
+        sweep=("alpha", (0.0, 2.0, 10.0)),
+    ),
     # ---------------------------------------------------------------- _guards
+    Entry(
+        "guard_nonfinite",
+        optax_stab.guard_nonfinite,
+        {"inner": optax.sgd(0.1, momentum=0.9), "max_consecutive": 2},
+    ),
+    Entry(
+        "spike_guard_skip",
+        optax_stab.spike_guard,
+        {
+            "inner": optax.sgd(0.1, momentum=0.9),
+            "window": 4,
+            "z_threshold": 2.0,
+            "warmup_steps": 2,
+        },
+        static_args=("window",),
+        sweep=("z_threshold", (1.0, 2.0, 6.0)),
+    ),
+    Entry(
+        "spike_guard_rescale",
+        optax_stab.spike_guard,
+        {
+            "inner": optax.sgd(0.1, momentum=0.9),
+            "window": 3,
+            "z_threshold": 1.0,
+            "warmup_steps": 2,
+            "action": "rescale",
+        },
+        static_args=("window",),
+        sweep=("z_threshold", (0.5, 1.0, 6.0)),
+    ),
+    Entry(
+        "spike_guard_reset",
+        optax_stab.spike_guard,
+        {
+            "inner": optax.sgd(0.1, momentum=0.9),
+            "window": 3,
+            "z_threshold": 1.0,
+            "warmup_steps": 1,
+            "action": "reset",
+            "max_consecutive": 1,
+        },
+        static_args=("window",),
+    ),
     # ---------------------------------------------------------------- _health
+    Entry(
+        "health_monitor",
+        optax_stab.health_monitor,
+        {"decay": 0.9},
+        sweep=("decay", (0.0, 0.5, 0.99)),
+    ),
 ]

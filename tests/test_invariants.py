@@ -243,6 +243,11 @@ def test_inject_hyperparams_sweep_under_vmap(entry):
         return outs
 
     swept = jax.jit(jax.vmap(run))(vals)
+    # With bf16 params, inject_hyperparams casts the hyperparameters to bf16.
+    bf16 = _params(DTYPES["bf16"])
+    g16 = _at(_grad_stack(1, dtypes=DTYPES["bf16"]), 0)
+    u16, _ = jax.jit(injected.update)(g16, injected.init(bf16), bf16)
+    chex.assert_trees_all_equal_dtypes(u16, g16)
     for j, v in enumerate(values):
         expected, _ = _run(entry.make(**{name: v}), grads, params, STEPS)
         for i in range(STEPS):

@@ -31,6 +31,10 @@ def test_check_interval_rejects(value, kwargs, message):
 def test_check_interval_accepts_bounds_arrays_and_skips_tracers():
     _validate.check_interval("x", 0.0, low=0.0, low_closed=True)
     _validate.check_interval("x", jnp.asarray(0.5), low=0.0, high=1.0)
+    # inject_hyperparams casts hyperparameters to the params' dtype (bf16 too).
+    _validate.check_interval("x", jnp.asarray(0.5, jnp.bfloat16), low=0.0, high=1.0)
+    with pytest.raises(ValueError, match="got"):
+        _validate.check_interval("x", jnp.asarray(1.5, jnp.bfloat16), high=1.0)
     jax.jit(lambda v: _validate.check_interval("x", v, low=0.0) or v)(-1.0)
 
 
