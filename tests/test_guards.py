@@ -1,0 +1,465 @@
+"""Guards against NumPy references and plain optax runs; loss passing in Flax."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import optax_stab
+
+STEPS = 100
+SPIKE_AT = 60
+NAN, INF = float("nan"), float("inf")
+
+
+def _params():
+    return {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+
+
+@functools.cache
+def _stream(seed: int = 0):
+    """``STEPS`` gradients ~ N(0, 1) (norm ~ 3.8) and a slowly decaying loss."""
+    rng = np.random.default_rng(seed)
+    grads = {
+        "w": rng.standard_normal((STEPS, 4, 3)).astype(np.float32),
+        "b": rng.standard_normal((STEPS, 3)).astype(np.float32),
+    }
+    t = np.arange(STEPS, dtype=np.float32)
+    losses = (2.0 * np.exp(-t / 50) + 0.01 * rng.standard_normal(STEPS)).astype(
+        np.float32
+    )
+    return grads, losses
+
+
+def _spiked(factor=1000.0, loss_value=None):
+    grads, losses = _stream()
+    grads = {k: v.copy() for k, v in grads.items()}
+    losses = losses.copy()
+    for k in grads:
+        grads[k][SPIKE_AT] *= factor
+    if loss_value is not None:
+        losses[SPIKE_AT] = loss_value
+    return grads, losses
+
+
+def _norms(grads):
+    return np.sqrt(
+        sum(np.sum(np.square(g), axis=tuple(range(1, g.ndim))) for g in grads.values())
+    )
+
+
+def _at(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _scan(tx, grads, losses):
+    """Runs ``tx`` over a stream; returns every update and every state."""
+    params = _params()
+
+    def step(state, xs):
+        g, loss = xs
+        u, state = tx.update(g, state, params, loss=loss)
+        return state, (u, state)
+
+    _, (updates, states) = jax.lax.scan(step, tx.init(params), (grads, losses))
+    return updates, states
+
+
+@functools.cache
+def _runner(tx):
+    return jax.jit(functools.partial(_scan, tx))
+
+
+ADAM = optax.adam(1e-2)
+SKIP = optax_stab.spike_guard(ADAM)  # the defaults: window 128, z 6, warm-up 20
+
+
+class SpikeGuardStreamTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("grad_spike", 1000.0, None, 0),
+        ("nan_loss", 1.0, NAN, 1),
+        ("loss_spike", 1.0, 1000.0, 0),
+    )
+    def test_spike_is_skipped_once_and_adam_state_is_kept(
+        self, factor, loss_value, nonfinite
+    ):
+        grads, losses = _spiked(factor, loss_value)
+        updates, states = _runner(SKIP)(grads, losses)
+        spikes = np.asarray(states.spike_steps)
+        np.testing.assert_array_equal(spikes, (np.arange(STEPS) >= SPIKE_AT) * 1)
+        self.assertEqual(int(states.nonfinite_steps[-1]), nonfinite)
+        chex.assert_trees_all_equal(
+            _at(states.inner_state, SPIKE_AT), _at(states.inner_state, SPIKE_AT - 1)
+        )
+        u = _at(updates, SPIKE_AT)
+        chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
+        # Reference: plain Adam on the stream without the spiked step.
+        keep = np.arange(STEPS) != SPIKE_AT
+        ref_updates, ref_states = _runner(optax.with_extra_args_support(ADAM))(
+            jax.tree.map(lambda x: x[keep], grads), losses[keep]
+        )
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda x: x[keep], updates), ref_updates, rtol=1e-6
+        )
+        chex.assert_trees_all_close(
+            _at(states.inner_state, -1), _at(ref_states, -1), rtol=1e-6
+        )
+
+    @parameterized.named_parameters(
+        ("grad_norm_ignores_loss_spike", "grad_norm", 1.0, 1000.0, 0),
+        ("loss_ignores_norm_spike", "loss", 1000.0, None, 0),
+        ("loss_still_skips_nan_loss", "grad_norm", 1.0, NAN, 1),
+    )
+    def test_watch_selects_the_watched_values(self, watch, factor, loss_value, n):
+        tx = optax_stab.spike_guard(ADAM, watch=watch)
+        _, states = _runner(tx)(*_spiked(factor, loss_value))
+        self.assertEqual(int(states.spike_steps[-1]), n)
+
+    def test_without_loss_only_the_norm_is_watched(self):
+        tx = optax_stab.spike_guard(optax.sgd(1.0), window=8, warmup_steps=3)
+        state = tx.init(jnp.zeros(2))
+        for g in ([1.0, 1.0], [2.0, 2.0], [1.0, 1.0]):
+            _, state = tx.update(jnp.asarray(g), state)
+        self.assertEqual(int(state.loss_history.filled), 0)
+        u, state = tx.update(jnp.asarray([1e3, 1e3]), state)
+        np.testing.assert_array_equal(u, [0.0, 0.0])
+        loss_only = optax_stab.spike_guard(optax.sgd(1.0), watch="loss")
+        u, s = loss_only.update(jnp.asarray([1.0, NAN]), loss_only.init(jnp.zeros(2)))
+        np.testing.assert_array_equal(u, [0.0, 0.0])
+        self.assertEqual(int(s.nonfinite_steps), 1)
+
+    def test_rescale_scales_the_norm_to_the_threshold(self):
+        window, z = 16, 6.0
+        tx = optax_stab.spike_guard(
+            optax.identity(), window=window, z_threshold=z, action="rescale"
+        )
+        grads, losses = _spiked(1000.0)
+        updates, states = _runner(tx)(grads, losses)
+        past = _norms(grads)[SPIKE_AT - window : SPIKE_AT].astype(np.float64)
+        threshold = past.mean() + z * past.std()  # population std
+        out = _norms(jax.tree.map(np.asarray, updates))
+        np.testing.assert_allclose(out[SPIKE_AT], threshold, rtol=1e-5)
+        keep = np.arange(STEPS) != SPIKE_AT
+        chex.assert_trees_all_equal(
+            jax.tree.map(lambda x: np.asarray(x)[keep], updates),
+            jax.tree.map(lambda x: x[keep], grads),
+        )
+        self.assertEqual(int(states.spike_steps[-1]), 1)
+        # The spike did not enter the history.
+        chex.assert_trees_all_equal(
+            _at(states.norm_history, SPIKE_AT), _at(states.norm_history, SPIKE_AT - 1)
+        )
+
+    def test_reset_reinitialises_the_inner_state_before_the_step(self):
+        tx = optax_stab.spike_guard(ADAM, action="reset")
+        grads, losses = _spiked(1000.0)
+        updates, states = _runner(tx)(grads, losses)
+        params = _params()
+        ref_u, ref_state = ADAM.update(_at(grads, SPIKE_AT), ADAM.init(params), params)
+        chex.assert_trees_all_close(_at(updates, SPIKE_AT), ref_u, rtol=1e-6)
+        chex.assert_trees_all_close(
+            _at(states.inner_state, SPIKE_AT), ref_state, rtol=1e-6
+        )
+        self.assertEqual(int(states.spike_steps[-1]), 1)
+        self.assertEqual(int(_at(states.inner_state, -1)[0].count), STEPS - SPIKE_AT)
+
+    def test_vmap_over_z_threshold_matches_separate_runs(self):
+        grads, losses = _stream(1)
+        grads = {k: v.copy() for k, v in grads.items()}
+        for t, f in ((30, 1.6), (45, 2.5), (70, 4.0), (85, 10.0)):
+            for k in grads:
+                grads[k][t] *= f
+
+        def run(z):
+            tx = optax_stab.spike_guard(ADAM, window=32, z_threshold=z)
+            return _scan(tx, grads, losses)
+
+        zs = jnp.asarray([0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 10.0, 100.0])
+        swept = jax.jit(jax.vmap(run))(zs)
+        single = jax.jit(run)
+        counts = []
+        for i, z in enumerate(zs):
+            expected = single(z)
+            chex.assert_trees_all_close(_at(swept, i), expected, rtol=1e-6, atol=1e-7)
+            counts.append(int(expected[1].spike_steps[-1]))
+        self.assertEqual(counts, sorted(counts, reverse=True))
+        self.assertGreater(len(set(counts)), 3)
+
+    @parameterized.named_parameters(
+        ("window_one", {"window": 1}, "window"),
+        ("window_float", {"window": 8.0}, "window"),
+        ("z_zero", {"z_threshold": 0.0}, "z_threshold"),
+        ("z_nan", {"z_threshold": NAN}, "z_threshold"),
+        ("warmup_negative", {"warmup_steps": -1}, "warmup_steps"),
+        ("max_consecutive_zero", {"max_consecutive": 0}, "max_consecutive"),
+        ("action", {"action": "clip"}, "action"),
+        ("watch", {"watch": "params"}, "watch"),
+    )
+    def test_rejects_bad_hyperparameters(self, kwargs, name):
+        with self.assertRaisesRegex(ValueError, f"`{name}`.*got"):
+            optax_stab.spike_guard(optax.sgd(0.1), **kwargs)
+
+    def test_rejects_a_non_scalar_loss(self):
+        tx = optax_stab.spike_guard(optax.sgd(0.1))
+        with self.assertRaisesRegex(ValueError, "`loss`.*scalar"):
+            tx.update(jnp.ones(2), tx.init(jnp.ones(2)), loss=jnp.ones(3))
+
+
+def _level_shift(factor=10.0):
+    """From ``SPIKE_AT`` on, every gradient is ``factor`` times larger, for good."""
+    grads, losses = _stream()
+    grads = {k: v.copy() for k, v in grads.items()}
+    for k in grads:
+        grads[k][SPIKE_AT:] *= factor
+    return grads, losses
+
+
+def test_lasting_level_shift_stalls_without_max_consecutive():
+    tx = optax_stab.spike_guard(ADAM, watch="grad_norm")
+    updates, states = _runner(tx)(*_level_shift())
+    applied = np.asarray(_norms(updates)) > 0
+    assert applied[:SPIKE_AT].all() and not applied[SPIKE_AT:].any()
+    assert int(states.consecutive_spikes[-1]) == STEPS - SPIKE_AT
+
+
+def test_max_consecutive_accepts_a_lasting_level_shift():
+    tx = optax_stab.spike_guard(ADAM, watch="grad_norm", max_consecutive=3)
+    updates, states = _runner(tx)(*_level_shift())
+    applied = np.asarray(_norms(updates)) > 0
+    # Three shifted steps are skipped, the fourth is accepted and applied.
+    np.testing.assert_array_equal(applied[SPIKE_AT : SPIKE_AT + 4], [0, 0, 0, 1])
+    assert int(states.accepted_steps[SPIKE_AT + 3]) == SPIKE_AT + 1
+    # Once enough shifted norms are in the history, the new level is normal.
+    assert applied[-10:].all()
+    assert int(states.consecutive_spikes[-1]) == 0
+    # Every detected spike is counted, accepted ones included.
+    skipped = int(np.sum(~applied[SPIKE_AT:]))
+    assert int(states.spike_steps[-1]) > skipped
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optax_stab.spike_guard(ADAM, action="skip"),
+        optax_stab.spike_guard(ADAM, action="rescale"),
+        optax_stab.spike_guard(ADAM, action="reset"),
+        optax_stab.guard_nonfinite(ADAM, max_consecutive=2),
+    ],
+    ids=["skip", "rescale", "reset", "nonfinite"],
+)
+def test_update_has_no_callback_and_no_cond(tx):
+    params = _params()
+    jaxpr = str(
+        jax.make_jaxpr(lambda g, s: tx.update(g, s, params, loss=jnp.float32(1.0)))(
+            params, tx.init(params)
+        )
+    )
+    for primitive in ("callback", "cond", "while"):
+        assert primitive not in jaxpr
+
+
+# ------------------------------------------------------------ guard_nonfinite
+def _bad(kind):
+    g = {"w": jnp.full((2, 2), 0.5), "b": jnp.ones(2)}
+    if kind == "nan_loss":
+        return g, NAN
+    value = {"nan": NAN, "pos_inf": INF, "neg_inf": -INF}[kind]
+    return {"w": g["w"].at[1, 0].set(value), "b": g["b"]}, 1.0
+
+
+MOMENTUM = optax.sgd(0.1, momentum=0.9)
+
+
+class GuardNonfiniteTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("nan_in_one_leaf", "nan"),
+        ("pos_inf", "pos_inf"),
+        ("neg_inf", "neg_inf"),
+        ("nan_loss_finite_grads", "nan_loss"),
+    )
+    def test_bad_step_is_skipped_and_counted(self, kind):
+        tx = optax_stab.guard_nonfinite(MOMENTUM)
+        update = self.variant(tx.update)
+        params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+        good = {"w": jnp.full((2, 2), 0.25), "b": jnp.full(2, -1.0)}
+        _, state = update(good, tx.init(params), params, loss=1.0)
+        bad, loss = _bad(kind)
+        u, new = update(bad, state, params, loss=loss)
+        chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, good))
+        chex.assert_trees_all_equal(new.inner_state, state.inner_state)
+        self.assertEqual(int(new.nonfinite_steps), 1)
+        self.assertEqual(int(new.consecutive_nonfinite), 1)
+        # The next good step continues SGD-with-momentum as if nothing happened:
+        # trace = 0.9 * g + g, update = -0.1 * trace.
+        u, new = update(good, new, params, loss=1.0)
+        chex.assert_trees_all_close(u, jax.tree.map(lambda g: -0.19 * g, good))
+        self.assertEqual(int(new.consecutive_nonfinite), 0)
+        self.assertEqual(int(new.nonfinite_steps), 1)
+
+    def test_max_consecutive_applies_anyway_and_resets(self):
+        tx = optax_stab.guard_nonfinite(optax.sgd(1.0), max_consecutive=2)
+        update = jax.jit(tx.update)
+        state = tx.init(jnp.zeros(1))
+        pattern = [0, 1, 1, 1, 1, 0, 1, 1]  # 1 = a NaN gradient
+        outs, counters = [], []
+        for bad in pattern:
+            u, state = update(jnp.asarray([NAN if bad else 2.0]), state)
+            outs.append(float(u[0]))
+            counters.append(
+                (
+                    int(state.nonfinite_steps),
+                    int(state.consecutive_nonfinite),
+                    int(state.applied_nonfinite_steps),
+                )
+            )
+        np.testing.assert_array_equal(outs, [-2.0, 0, 0, NAN, NAN, -2.0, 0, 0])
+        self.assertEqual(
+            counters,
+            [
+                (0, 0, 0),
+                (1, 1, 0),
+                (2, 2, 0),
+                (3, 3, 1),
+                (4, 4, 2),
+                (4, 0, 2),
+                (5, 1, 2),
+                (6, 2, 2),
+            ],
+        )
+
+    def test_max_consecutive_zero_applies_every_step_but_counts(self):
+        tx = optax_stab.guard_nonfinite(optax.sgd(1.0), max_consecutive=0)
+        u, state = tx.update(jnp.asarray([INF]), tx.init(jnp.zeros(1)))
+        self.assertEqual(float(u[0]), -INF)
+        self.assertEqual(int(state.applied_nonfinite_steps), 1)
+
+    def test_bfloat16_update_stays_bfloat16(self):
+        tx = optax_stab.guard_nonfinite(optax.sgd(0.1))
+        g = jnp.asarray([1.0, NAN], jnp.bfloat16)
+        u, _ = tx.update(g, tx.init(g))
+        self.assertEqual(u.dtype, jnp.bfloat16)
+        np.testing.assert_array_equal(u.astype(jnp.float32), [0.0, 0.0])
+
+    @parameterized.named_parameters(
+        ("negative", -1),
+        ("float", 2.5),
+    )
+    def test_rejects_bad_max_consecutive(self, value):
+        with self.assertRaisesRegex(ValueError, "`max_consecutive`.*got"):
+            optax_stab.guard_nonfinite(optax.sgd(0.1), max_consecutive=value)
+
+
+# ---------------------------------------------------------------- extra args
+def _needs_loss():
+    """An inner transform that multiplies the updates by ``loss * scale``."""
+
+    def update_fn(updates, state, params=None, *, loss, scale=1.0):
+        del params
+        return jax.tree.map(lambda u: u * loss * scale, updates), state
+
+    return optax.GradientTransformationExtraArgs(
+        lambda p: optax.EmptyState(), update_fn
+    )
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [
+        optax_stab.guard_nonfinite,
+        functools.partial(optax_stab.spike_guard, action="rescale"),
+        functools.partial(optax_stab.spike_guard, action="reset"),
+    ],
+    ids=["nonfinite", "spike_rescale", "spike_reset"],
+)
+def test_extra_args_reach_inner_through_a_chain(guard):
+    tx = optax.chain(guard(_needs_loss()), optax.scale(-1.0))
+    u, _ = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), loss=3.0, scale=0.5)
+    np.testing.assert_allclose(u, [-1.5, -1.5])
+
+
+# --------------------------------------------------- passing loss= from Flax
+def test_nnx_optimizer_update_forwards_loss():
+    from flax import nnx
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    tx = optax_stab.spike_guard(optax.sgd(0.1), window=4, warmup_steps=2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.ones((4, 3))
+
+    def loss_fn(m):
+        return jnp.mean(m(x) ** 2)
+
+    for _ in range(2):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads, loss=loss)
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, loss=jnp.nan * loss)  # finite grads, NaN loss
+    chex.assert_trees_all_equal(nnx.state(model, nnx.Param), before)
+    report = optax_stab.health_report(optimizer)
+    assert report["nonfinite_steps"] == 1.0
+    assert report["spike_steps"] == 1.0
+    assert optimizer.opt_state.loss_history.filled.get_value() == 2
+
+
+def test_linen_train_state_pattern_passes_loss():
+    from flax.training import train_state
+
+    tx = optax_stab.guard_nonfinite(optax.sgd(0.1))
+    params = {"w": jnp.ones(2)}
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+    grads = {"w": jnp.ones(2)}
+
+    # apply_gradients forwards no extra args: the loss never reaches the guard.
+    dropped = state.apply_gradients(grads=grads)
+    assert int(dropped.opt_state.nonfinite_steps) == 0
+
+    # The documented pattern (optax_stab._guards module docstring).
+    loss = jnp.float32(jnp.nan)
+    updates, opt_state = state.tx.update(
+        grads, state.opt_state, state.params, loss=loss
+    )
+    state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+    )
+    chex.assert_trees_all_equal(state.params, params)
+    assert int(state.opt_state.nonfinite_steps) == 1
+    assert int(state.step) == 1
+    assert optax_stab.health_report(state)["nonfinite_steps"] == 1.0
+
+
+# -------------------------------------------------------------------- example
+def test_nnx_guarded_training_example_quick():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "nnx_guarded_training.py"
+    spec = importlib.util.spec_from_file_location("nnx_guarded_training", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--quick"])
+    at = out["corrupt_at"]
+    # The corrupted batch is counted once, flagged by the report, and skipped.
+    assert out["spike_steps"] == 1.0
+    assert out["nonfinite_steps"] == 0.0
+    assert out["reports"][at]["spike_steps"] == 1.0
+    assert out["reports"][at]["exploding"] == 1.0
+    assert out["reports"][at - 20]["spike_steps"] == 0.0
+    # Training continues: clean losses after it stay at the level before it,
+    # end below the start and below the unguarded run's.
+    assert out["losses"][at] > 1e3 * out["loss_before"]
+    assert out["max_clean_loss_after"] < 2 * out["loss_before"]
+    assert out["final_loss"] < 0.1 * out["losses"][0]
+    assert out["final_loss"] < out["unguarded_final_loss"]
+    assert out["params_finite"]
+    assert any(line.startswith(f"{at:>5} ") for line in out["lines"])
