@@ -34,12 +34,6 @@ def as_stat(value: Any, dtype: Any = jnp.float32) -> jax.Array:
     return jnp.asarray(value).astype(dtype)
 
 
-def debias(decay: jax.Array, count: jax.Array) -> jax.Array:
-    """Bias correction ``1 - decay**count`` in ``decay``'s dtype; 1 at count 0."""
-    c = count.astype(decay.dtype)
-    return jnp.where(count > 0, 1 - decay**c, jnp.ones_like(decay))
-
-
 ZSCORE_STD_FLOOR = 1e-3
 """Relative floor of the standard deviation in :func:`zscore`."""
 

@@ -30,10 +30,14 @@ class EmaSmoothingState(NamedTuple):
         count: Finite steps seen; int32 scalar, saturating.
         ema: Biased EMA of the gradients; like the params, in
             ``accumulator_dtype`` if given.
+        weight: Total weight the EMA gives the gradients seen, float32 scalar:
+            :math:`w_t = \beta_t w_{t-1} + (1 - \beta_t)`, which is
+            :math:`1 - \beta^t` for a constant decay; the debiasing divisor.
     """
 
     count: jax.Array
     ema: Any
+    weight: jax.Array
 
 
 def ema_smoothing(
@@ -45,18 +49,22 @@ def ema_smoothing(
     r"""Smooths gradients over time with an exponential moving average.
 
     .. math::
-        m_t = \beta m_{t-1} + (1 - \beta) g_t, \qquad
-        u_t = m_t / (1 - \beta^t) \;\text{(debiased)}.
+        m_t = \beta_t m_{t-1} + (1 - \beta_t) g_t, \quad
+        w_t = \beta_t w_{t-1} + (1 - \beta_t), \quad
+        u_t = m_t / w_t \;\text{(debiased)}.
 
-    With ``debias=True`` the first output is the gradient itself and the scale
-    of the gradients is kept at every step. The EMA is computed in float32 and
-    stored in ``accumulator_dtype``. A step with any non-finite gradient is
-    passed through unchanged and does not enter the average. Memory: one copy
-    of the params.
+    For a constant decay :math:`w_t = 1 - \beta^t`, the usual correction; the
+    tracked :math:`w_t` stays exact when the decay is scheduled (for example
+    0 for the first steps, to switch smoothing on later, through
+    ``optax.inject_hyperparams``). With ``debias=True`` the first output is the
+    gradient itself and the scale of the gradients is kept at every step. The
+    EMA is computed in float32 and stored in ``accumulator_dtype``. A step with
+    any non-finite gradient is passed through unchanged and does not enter the
+    average. Memory: one copy of the params.
 
     Args:
         decay: EMA decay :math:`\beta`, in [0, 1); 0 is the identity.
-        debias: Whether to divide by :math:`1 - \beta^t`.
+        debias: Whether to divide by :math:`w_t`.
         accumulator_dtype: dtype of the stored EMA; ``None`` keeps the param
             dtype, ``jnp.bfloat16`` halves the memory of float32 params.
 
@@ -84,7 +92,9 @@ def ema_smoothing(
         ema = jax.tree.map(
             lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype), params
         )
-        return EmaSmoothingState(count=_numerics.zero_count(), ema=ema)
+        return EmaSmoothingState(
+            count=_numerics.zero_count(), ema=ema, weight=jnp.zeros([], jnp.float32)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -98,10 +108,14 @@ def ema_smoothing(
             updates,
         )
         count = _numerics.increment_if(finite, state.count)
-        bias = _numerics.debias(beta, count) if debias else jnp.ones([], jnp.float32)
+        weight = beta * state.weight + (1 - beta)
+        bias = weight if debias else jnp.ones([], jnp.float32)
         smoothed = jax.tree.map(lambda m, g: (m / bias).astype(g.dtype), new, updates)
         ema = _tree.select(finite, _tree.cast_like(new, state.ema), state.ema)
-        return _filtered(updates, smoothed, finite), EmaSmoothingState(count, ema)
+        weight = jnp.where(finite, weight, state.weight)
+        return _filtered(updates, smoothed, finite), EmaSmoothingState(
+            count, ema, weight
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

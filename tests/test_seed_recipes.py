@@ -160,3 +160,42 @@ def test_gradient_accumulation_with_norm_clipping_and_sign_sqrt():
             if t % k == k - 1:
                 w = w - eta * fn(grads[t - k + 1 : t + 1].mean(axis=0))
             np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_annealing_with_adam_and_ema_smoothing():
+    # Seed 3: Adam with cosine annealing, on smoothed gradients.
+    grads, lr0, steps = _sequence(6), 0.1, 6
+    sched = optax.cosine_decay_schedule(lr0, decay_steps=steps)
+    tx = optax.chain(optax_stab.ema_smoothing(0.5), optax.adam(sched))
+    ws = _run(tx, grads, np.zeros(6))
+    w, m, v, e = np.zeros(6), np.zeros(6), np.zeros(6), np.zeros(6)
+    for t, (g, got) in enumerate(zip(grads, ws), start=1):
+        e = 0.5 * e + 0.5 * g
+        s = e / (1 - 0.5**t)
+        m, v = 0.9 * m + 0.1 * s, 0.999 * v + 0.001 * s**2
+        lr = lr0 * 0.5 * (1 + np.cos(np.pi * (t - 1) / steps))
+        w = w - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothing_gated_on_by_a_schedule():
+    # Seed 1's open problem: smoothing that is not applied blindly from step 1.
+    # A decay schedule of 0 (the identity) for 3 steps, then 0.8, switches the
+    # EMA on; debiasing divides by the weight the EMA actually gave the
+    # gradients (1 after the identity steps), not by 1 - 0.8**t.
+    gate = optax.join_schedules(
+        [optax.constant_schedule(0.0), optax.constant_schedule(0.8)], [3]
+    )
+    tx = optax.inject_hyperparams(optax_stab.ema_smoothing)(decay=gate)
+    grads = _sequence(6)
+    state, update = tx.init(jnp.zeros(6)), jax.jit(tx.update)
+    m, mass = np.zeros(6), 0.0
+    for t, g in enumerate(grads):
+        u, state = update(jnp.asarray(g, jnp.float32), state)
+        if t < 3:
+            np.testing.assert_array_equal(u, np.float32(g))
+        decay = 0.0 if t < 3 else 0.8
+        m, mass = decay * m + (1 - decay) * g, decay * mass + (1 - decay)
+        np.testing.assert_allclose(u, m / mass, rtol=1e-5, atol=1e-6)
+    # Step 4 is 0.8 * g_3 + 0.2 * g_4: weights summing to one, no inflation.
+    assert mass == 1.0
