@@ -1,0 +1,55 @@
+"""The ``optax-stab`` command: subcommand ``demo`` (room for ``bench`` beside it)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> tuple[
+    argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
+]:
+    """The ``optax-stab`` parser and its subcommand parsers by name."""
+    from optax_stab.demo import cli as demo_cli
+
+    parser = demo_cli.OneLineErrorParser(
+        prog="optax-stab",
+        description="Optax gradient transformations that keep training stable.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=demo_cli.OneLineErrorParser
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="stability shoot-out of optimizer chains on real tasks (see demo --help)",
+        description=demo_cli.description(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo_cli.add_arguments(demo)
+    return parser, {"demo": demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``optax-stab`` console script.
+
+    Args:
+        argv: Arguments after the program name; ``None`` means ``sys.argv[1:]``.
+
+    Returns:
+        The exit code (0). Bad flags exit with code 2 and a one-line message.
+    """
+    from optax_stab.demo import cli as demo_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        plan = demo_cli.resolve(args)
+    except demo_cli.ArgumentError as e:
+        subparsers[args.command].error(str(e))
+    demo_cli.run(plan, argv[1:])
+    return 0

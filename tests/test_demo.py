@@ -1,0 +1,159 @@
+"""Tests of ``optax-stab demo``: a --quick run writes every promised file; bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import optax_stab
+from optax_stab import _cli
+from optax_stab.demo import chains as chains_lib
+from optax_stab.demo import cli as demo_cli
+from optax_stab.demo import report, tasks
+
+TASK_KEYS = {
+    "title",
+    "optimizer",
+    "lr",
+    "steps",
+    "seeds",
+    "metric",
+    "baseline_loss",
+    "solved_loss",
+    "diverged_loss",
+    "solved_definition",
+    "diverged_definition",
+    "seconds",
+    "eval_every",
+    "chains",
+}
+# Fields that are legitimately null for a healthy chain: nothing solved, or no
+# counter of that kind in the chain.
+MAY_BE_NULL = {"steps_to_solve_median", "skipped_steps_median", "clipped_steps_median"}
+
+
+def _check_results_json(results):
+    assert set(results["tasks"]) == set(tasks.TASK_NAMES)
+    assert results["settings"]["quick"] is True
+    assert results["settings"]["seeds"] == demo_cli.QUICK_SEEDS
+    for task_name, task in results["tasks"].items():
+        assert set(task) == TASK_KEYS, task_name
+        assert list(task["chains"]) == list(chains_lib.available_chains())
+        for chain_name, chain in task["chains"].items():
+            assert set(chain) == set(report.CHAIN_KEYS), chain_name
+            assert 0.0 <= chain["diverged_rate"] <= 1.0
+            if chain["diverged_seeds"] > 0:
+                continue
+            for key, value in chain.items():
+                if (key in MAY_BE_NULL and value is None) or key == "description":
+                    continue
+                values = value if isinstance(value, list) else [value]
+                assert all(
+                    isinstance(v, int | float) and math.isfinite(v) for v in values
+                ), (task_name, chain_name, key, value)
+
+
+def test_quick_run_writes_every_promised_file_and_valid_results(tmp_path):
+    # One test for the whole --quick run, so that pytest-xdist runs it once.
+    returned = demo_cli.demo(["--quick", "--out", str(tmp_path)])
+    expected = ["divergence.png", "results.json", "results.md"]
+    for name in tasks.TASK_NAMES:
+        expected += [f"loss_{name}.png", f"grad_norm_{name}.png"]
+    for name in expected:
+        path = tmp_path / name
+        assert path.is_file(), name
+        assert path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)  # strict JSON: NaN/Infinity would not parse back
+    assert results == json.loads(json.dumps(returned))
+    _check_results_json(results)
+
+    text = (tmp_path / "results.md").read_text()
+    assert text.count("| chain | test loss |") == len(tasks.TASK_NAMES)
+    for name in chains_lib.available_chains():
+        assert f"| {name} |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--chains", "nope"], "unknown chain 'nope'"),
+        (["--tasks", "adding,nope"], "unknown task 'nope'"),
+        (["--seeds", "0"], "--seeds must be a positive integer"),
+        (["--steps", "ten"], "--steps must be a positive integer"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "mnist=0.1"], "--lr expects a number or 'task=number,...'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli.main(["demo", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_chain_whose_transform_is_missing_is_skipped_or_rejected(monkeypatch, capsys):
+    monkeypatch.delattr(optax_stab, "zscore_clip")
+    assert "zscore_clip" not in chains_lib.available_chains()
+    assert "recommended" not in chains_lib.available_chains()
+    with pytest.raises(SystemExit) as e:
+        demo_cli.demo(["--chains", "plain,zscore_clip"])
+    assert e.value.code == 2
+    assert "needs optax_stab.zscore_clip" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_help_and_errors():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-c", "import sys, optax_stab._cli as c; sys.exit(c.main())"]
+    help_run = subprocess.run(
+        [*cmd, "demo", "--help"], capture_output=True, text=True, env=env
+    )
+    assert help_run.returncode == 0
+    for word in (
+        "--tasks",
+        "--chains",
+        "--seeds",
+        "--steps",
+        "--lr",
+        "--quick",
+        "--out",
+    ):
+        assert word in help_run.stdout
+    assert "test MSE < 0.01" in help_run.stdout  # the adding problem's "solved"
+    bad = subprocess.run(
+        [*cmd, "demo", "--seeds", "x"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("optax-stab demo: error: --seeds")
+
+
+def test_skipped_and_clipped_counts_from_health_report_keys():
+    # spike_guard counts its non-finite steps in spike_steps too.
+    assert report.skipped_steps({"spike_steps": 3.0, "nonfinite_steps": 2.0}) == 3.0
+    # guard_nonfinite: non-finite steps it applied anyway were not skipped.
+    guard = {"nonfinite_steps": 5.0, "applied_nonfinite_steps": 1.0}
+    assert report.skipped_steps(guard) == 4.0
+    assert report.skipped_steps({"pre_clip_norm": 1.0}) is None
+    two_clippers = {"0/clipped_steps": 2.0, "1/clipped_steps": 5.0}
+    assert report.clipped_steps(two_clippers) == 7.0
+    assert report.clipped_steps({"spike_steps": 1.0}) is None
+
+
+def test_learning_rate_flag_accepts_one_number_or_per_task_values():
+    parser = demo_cli.build_parser()
+    plan = demo_cli.resolve(parser.parse_args(["--lr", "0.1", "--tasks", "linear"]))
+    assert plan["lrs"] == {"linear": 0.1}
+    plan = demo_cli.resolve(parser.parse_args(["--lr", "adding=0.3,linear=0.2"]))
+    assert plan["lrs"] == {"adding": 0.3, "linear": 0.2}
+    assert plan["seeds"] == demo_cli.DEFAULT_SEEDS and plan["steps"] is None

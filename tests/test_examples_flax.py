@@ -1,0 +1,86 @@
+"""Each Flax example runs in --quick mode and its claim holds."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import optax_stab
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", EXAMPLES / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linen_trainstate_guarded_chain_survives_corrupted_batches():
+    example = _load("linen_trainstate")
+    results = example.main(["--quick"])
+    stable, plain = results["stable"], results["plain"]
+    report = optax_stab.health_report(stable["state"])
+    corrupted = 200 // example.CORRUPT_EVERY
+    assert report["spike_steps"] >= corrupted - 1  # at most one inside warm-up
+    assert stable["accuracy"] > 0.9
+    assert plain["accuracy"] < stable["accuracy"] - 0.3
+    assert np.all(np.isfinite(stable["losses"]))
+
+
+def test_nnx_optimizer_loss_reaches_spike_guard_and_health_is_logged():
+    example = _load("nnx_optimizer")
+    results = example.main(["--quick"])
+    final = results["final"]
+    assert final["spike_steps"] == results["injected_spikes"] == 5
+    assert final["nonfinite_steps"] == 0
+    assert [entry["step"] for entry in results["log"]] == [50, 100, 150, 200]
+    for entry in results["log"]:
+        assert {"grad_norm", "spike_steps", "loss"} <= set(entry)
+    assert results["log"][-1]["spike_steps"] == 5
+    assert results["mse"] < 0.6  # the target is standardised: 1.0 = predicting 0
+
+
+def test_checkpoint_resume_is_bit_identical():
+    example = _load("checkpoint_resume")
+    results = example.main(["--quick"])
+    resumed, uninterrupted = results["resumed"], results["uninterrupted"]
+    assert int(resumed["step"]) == int(uninterrupted["step"]) == 100
+    assert results["identical"]
+    jax.tree.map(
+        np.testing.assert_array_equal, resumed["params"], uninterrupted["params"]
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal, resumed["opt_state"], uninterrupted["opt_state"]
+    )
+    # The restored state really carries history: the guard's ring is full.
+    report = optax_stab.health_report(resumed["opt_state"])
+    assert report["accepted_steps"] + report["spike_steps"] == 100
+
+
+def test_hyperparameter_sweep_equals_separate_runs():
+    example = _load("hyperparameter_sweep")
+    results = example.main(["--quick"])
+    swept = np.asarray(results["mse"])
+    assert swept.shape == (16,)
+    separate = example.separate_runs(results["steps"])
+    # vmapped matmuls sum in another order: equal up to float32 rounding.
+    np.testing.assert_allclose(swept, separate, rtol=1e-3)
+    # And the sweep shows something: tight clipping converges, loose diverges.
+    assert swept[3] < 0.6 < 10 < swept[-1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["linen_trainstate", "nnx_optimizer", "checkpoint_resume", "hyperparameter_sweep"],
+)
+def test_example_has_main_and_quick_flag(name):
+    source = (EXAMPLES / f"{name}.py").read_text()
+    assert "def main(argv" in source and "--quick" in source
