@@ -1,10 +1,12 @@
-"""The ``optax-stab`` command: subcommand ``demo`` (room for ``bench`` beside it)."""
+"""The ``optax-stab`` command: subcommands ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+
+from optax_stab import _bench
 
 
 def build_parser() -> tuple[
@@ -27,7 +29,14 @@ def build_parser() -> tuple[
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo_cli.add_arguments(demo)
-    return parser, {"demo": demo}
+    bench = sub.add_parser(
+        "bench",
+        help="time the transforms vs optax and the memory-bandwidth roofline",
+        description=_bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _bench.add_arguments(bench)
+    return parser, {"demo": demo, "bench": bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 0
+    if args.command == "bench":
+        _bench.main(argv[1:])
         return 0
     try:
         plan = demo_cli.resolve(args)
