@@ -60,3 +60,32 @@ def test_threshold_amplification_lifts_vanishing_layers(capsys):
     assert plain["best_loss"] > 0.95 * results["target_variance"]
     assert amp["best_loss"] < 0.8 * plain["best_loss"]
     assert amp["moved"][0] > 10 * plain["moved"][0]
+    # The article's comparators ran, each over its own grid, with finite
+    # best losses and weight changes.
+    comparators = results["comparators"]
+    assert set(comparators) == {
+        "rmsprop",
+        "adagrad",
+        "accumulation",
+        "clip_value",
+        "clip_global_norm",
+    }
+    for name in ["plain", "sign_sqrt", *comparators]:
+        r = results[name]
+        assert len(r["losses"]) == len(r["learning_rates"]) == 4, name
+        assert r["best_lr"] in r["learning_rates"], name
+        assert math.isfinite(r["best_loss"]), name
+        assert np.all(np.isfinite(r["moved"])), name
+    variance = results["target_variance"]
+    # Global-norm clipping scales every layer alike and full-batch
+    # accumulation is GD with fewer updates: both stay at the variance, as
+    # plain GD does, and sign-sqrt beats them.
+    for name in ("clip_global_norm", "accumulation"):
+        assert results[name]["best_loss"] > 0.95 * variance, name
+        assert amp["best_loss"] < 0.8 * results[name]["best_loss"], name
+    # The per-coordinate methods all train well below the variance; RMSProp
+    # and Adagrad (per-coordinate normalisation) beat sign-sqrt here.
+    for name in ("rmsprop", "adagrad", "clip_value"):
+        assert results[name]["best_loss"] < 0.8 * variance, name
+    for name in ("rmsprop", "adagrad"):
+        assert results[name]["best_loss"] < amp["best_loss"], name
