@@ -64,9 +64,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from sklearn.datasets import load_diabetes
+from linear_regression import load  # the same diabetes split
 
 import optax_stab
 
@@ -81,19 +80,6 @@ INITS = {
 }
 ACTIVATIONS = {"tanh": jnp.tanh, "sigmoid": nn.sigmoid}
 RUNS = (*(("tanh", name) for name in INITS), ("sigmoid", "xavier_normal"))
-
-
-def load(seed: int = 0):
-    """Standardised (x_train, y_train, x_test, y_test) with an 80/20 split."""
-    x, y = load_diabetes(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[order], y[order]
-    n_train = int(0.8 * len(y))
-    mu, sd = x[:n_train].mean(0), x[:n_train].std(0)
-    y_mu, y_sd = y[:n_train].mean(), y[:n_train].std()
-    x, y = (x - mu) / sd, (y - y_mu) / y_sd
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return f32(x[:n_train]), f32(y[:n_train]), f32(x[n_train:]), f32(y[n_train:])
 
 
 class TwoLayerMLP(nn.Module):

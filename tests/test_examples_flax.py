@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
 import optax_stab
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import _examples
 
 
 def test_linen_trainstate_guarded_chain_survives_corrupted_batches():
-    example = _load("linen_trainstate")
+    example = _examples.load_example("linen_trainstate")
     results = example.main(["--quick"])
     stable, plain = results["stable"], results["plain"]
     report = optax_stab.health_report(stable["state"])
@@ -36,7 +23,7 @@ def test_linen_trainstate_guarded_chain_survives_corrupted_batches():
 
 
 def test_nnx_optimizer_loss_reaches_spike_guard_and_health_is_logged():
-    example = _load("nnx_optimizer")
+    example = _examples.load_example("nnx_optimizer")
     results = example.main(["--quick"])
     final = results["final"]
     assert final["spike_steps"] == results["injected_spikes"] == 5
@@ -49,7 +36,7 @@ def test_nnx_optimizer_loss_reaches_spike_guard_and_health_is_logged():
 
 
 def test_checkpoint_resume_is_bit_identical():
-    example = _load("checkpoint_resume")
+    example = _examples.load_example("checkpoint_resume")
     results = example.main(["--quick"])
     resumed, uninterrupted = results["resumed"], results["uninterrupted"]
     assert int(resumed["step"]) == int(uninterrupted["step"]) == 100
@@ -66,7 +53,7 @@ def test_checkpoint_resume_is_bit_identical():
 
 
 def test_hyperparameter_sweep_equals_separate_runs():
-    example = _load("hyperparameter_sweep")
+    example = _examples.load_example("hyperparameter_sweep")
     results = example.main(["--quick"])
     swept = np.asarray(results["mse"])
     assert swept.shape == (16,)
@@ -82,5 +69,5 @@ def test_hyperparameter_sweep_equals_separate_runs():
     ["linen_trainstate", "nnx_optimizer", "checkpoint_resume", "hyperparameter_sweep"],
 )
 def test_example_has_main_and_quick_flag(name):
-    source = (EXAMPLES / f"{name}.py").read_text()
+    source = (_examples.EXAMPLES / f"{name}.py").read_text()
     assert "def main(argv" in source and "--quick" in source

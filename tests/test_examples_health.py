@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import _examples
 
 
 def test_gradient_health_diagnoses_vanishing_and_exploding(capsys):
-    example = _load("gradient_health")
+    example = _examples.load_example("gradient_health")
     results = example.main(["--quick"])
     out = capsys.readouterr().out
     assert "2-layer MLP on diabetes" in out and "health_report" in out

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import numpy as np
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import _examples
 
 
 def test_linear_regression_remedies(capsys):
-    example = _load("linear_regression")
+    example = _examples.load_example("linear_regression")
     results = example.main(["--quick"])
     assert "diabetes linear regression" in capsys.readouterr().out
     stable, unstable = example.LRS
@@ -43,7 +34,7 @@ def test_linear_regression_remedies(capsys):
 
 
 def test_threshold_amplification_lifts_vanishing_layers(capsys):
-    example = _load("threshold_amplification")
+    example = _examples.load_example("threshold_amplification")
     results = example.main(["--quick"])
     assert "per-layer gradient norms" in capsys.readouterr().out
     before, after = results["grad_norms"], results["amplified_norms"]

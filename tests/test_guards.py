@@ -13,6 +13,7 @@ import pytest
 from absl.testing import parameterized
 
 import optax_stab
+from tests import _examples
 
 STEPS = 100
 SPIKE_AT = 60
@@ -440,13 +441,7 @@ def test_linen_train_state_pattern_passes_loss():
 
 # -------------------------------------------------------------------- example
 def test_nnx_guarded_training_example_quick():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "examples" / "nnx_guarded_training.py"
-    spec = importlib.util.spec_from_file_location("nnx_guarded_training", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _examples.load_example("nnx_guarded_training")
     out = example.main(["--quick"])
     at = out["corrupt_at"]
     # The corrupted batch is counted once, flagged by the report, and skipped.
