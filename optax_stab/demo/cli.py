@@ -26,8 +26,9 @@ results table and writes PNG plots, results.json and results.md to --out.
 
 tasks:
   adding    adding problem (Hochreiter & Schmidhuber; Pascanu et al. 2013),
-            T=100, vanilla tanh RNN, SGD lr 0.2. Solved: test MSE < 0.01 on
-            256 held-out sequences (6%% of the 1/6 target variance).
+            T=100, GRU (16 units), SGD momentum 0.9, lr 0.4, 2000 steps.
+            Solved: test MSE < 0.01 on 256 held-out sequences (6%% of the
+            1/6 target variance).
   deep-mlp  scikit-learn digits, 12-layer ReLU MLP without normalisation,
             SGD momentum 0.9, lr 0.05. Solved: test cross-entropy < 0.25.
   linear    scikit-learn diabetes, linear regression on standardised data,
@@ -76,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         default=None,
-        help="training steps for every task (default: each task's own, 1000; "
-        "200 with --quick)",
+        help="training steps for every task (default: each task's own, 2000 for "
+        "adding, 1000 for the others; with --quick 100 for adding, 200 for the others)",
     )
     parser.add_argument(
         "--lr",

@@ -118,13 +118,19 @@ def adding_batch(key: jax.Array, batch: int, length: int = ADDING_LENGTH):
 
 
 class AddingRNN(nn.Module):
-    """Vanilla tanh RNN (``nn.SimpleCell``) with a linear read-out of the last state."""
+    """GRU (``nn.GRUCell``) with a linear read-out of the last state.
+
+    A GRU rather than a vanilla tanh RNN: its gates let SGD carry the first
+    marked value across the ~75 steps to the end within the demo's budget of
+    steps, while its recurrent gradients still explode at a large step size.
+    A 16-unit tanh RNN only learns the mean in that budget, clipped or not.
+    """
 
     hidden: int = _ADDING_HIDDEN
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.RNN(nn.SimpleCell(self.hidden))(x)
+        h = nn.RNN(nn.GRUCell(self.hidden))(x)
         return nn.Dense(1)(h[:, -1])[:, 0]
 
 
@@ -142,14 +148,14 @@ def _adding_task() -> Task:
     return Task(
         name="adding",
         title=(
-            f"adding problem, T={ADDING_LENGTH}: tanh RNN ({_ADDING_HIDDEN} units), "
+            f"adding problem, T={ADDING_LENGTH}: GRU ({_ADDING_HIDDEN} units), "
             f"batch {_ADDING_BATCH}"
         ),
-        optimizer="sgd",
-        make_optimizer=optax.sgd,
-        lr=0.2,
-        steps=1000,
-        quick_steps=200,
+        optimizer="sgd(momentum=0.9)",
+        make_optimizer=lambda lr: optax.sgd(lr, momentum=0.9),
+        lr=0.4,
+        steps=2000,
+        quick_steps=100,
         clip_norm=1.0,
         sign_threshold=0.01,
         init=lambda key: model.init(key, x_test[:1]),
