@@ -367,11 +367,10 @@ def adaptive_tensor_clip(
             new_gamma = jnp.where(warm, running_min, ema)
             return out, jnp.where(finite, new_gamma, gamma), clip
 
-        triples = jax.tree.map(leaf, updates, norms, state.clip_norm_ema)
-        out, gamma, flags = jax.tree.transpose(
-            jax.tree.structure(norms), jax.tree.structure((0, 0, 0)), triples
+        out, gamma, flags = _tree.map_unzip(
+            leaf, updates, norms, state.clip_norm_ema, n=3
         )
-        clipped = jnp.any(jnp.asarray(jax.tree.leaves(flags) or [False]))
+        clipped = _tree.any_leaf(flags)
         return out, AdaptiveTensorClipState(
             count=_numerics.increment_if(finite, state.count),
             clip_norm_ema=gamma,

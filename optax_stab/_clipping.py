@@ -111,13 +111,10 @@ def clip_by_norm(
             updates, clipped = _tree.clip_to_norm(updates, norm, limit)
         else:
             norm = _tree.leaf_norms(updates, axis_name=axis_name)
-            pairs = jax.tree.map(
-                lambda u, n: _tree.clip_to_norm(u, n, limit), updates, norm
+            updates, flags = _tree.map_unzip(
+                lambda u, n: _tree.clip_to_norm(u, n, limit), updates, norm, n=2
             )
-            updates, flags = jax.tree.transpose(
-                jax.tree.structure(norm), jax.tree.structure((0, 0)), pairs
-            )
-            clipped = jnp.any(jnp.asarray(jax.tree.leaves(flags) or [False]))
+            clipped = _tree.any_leaf(flags)
         count = _numerics.increment_if(clipped, state.clipped_steps)
         return updates, ClipByNormState(norm, count)
 
@@ -221,11 +218,8 @@ def spike_clip(
             ema = beta * v + (1 - beta) * jnp.square(jnp.where(spike, capped, x))
             return out, jnp.where(finite, ema, v).astype(nu.dtype), jnp.any(spike)
 
-        triples = jax.tree.map(leaf, updates, state.nu)
-        out, nu, flags = jax.tree.transpose(
-            jax.tree.structure(state.nu), jax.tree.structure((0, 0, 0)), triples
-        )
-        clipped = finite & jnp.any(jnp.asarray(jax.tree.leaves(flags) or [False]))
+        out, nu, flags = _tree.map_unzip(leaf, updates, state.nu, n=3)
+        clipped = finite & _tree.any_leaf(flags)
         return _tree.select(finite, out, updates), SpikeClipState(
             count=_numerics.increment_if(finite, state.count),
             nu=nu,

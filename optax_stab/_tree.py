@@ -127,3 +127,24 @@ def clip_to_norm(
     clipped = jnp.isfinite(norm) & (norm > max_norm)
     factor = max_norm / jnp.where(clipped, norm, jnp.ones_like(norm))
     return scale_where(tree, clipped, factor), clipped
+
+
+def map_unzip(fn: Any, tree: Any, *rest: Any, n: int) -> tuple[Any, ...]:
+    """``jax.tree.map`` of ``fn`` returning an ``n``-tuple, as ``n`` pytrees.
+
+    Each result has the structure of ``tree``; an empty tree gives ``n``
+    empty trees.
+    """
+    outer = jax.tree.structure(tree)
+    if outer.num_leaves == 0:
+        return tuple(jax.tree.unflatten(outer, []) for _ in range(n))
+    inner = jax.tree.structure((0,) * n)
+    return jax.tree.transpose(outer, inner, jax.tree.map(fn, tree, *rest))
+
+
+def any_leaf(flags: Any) -> jax.Array:
+    """Boolean scalar: any leaf of a pytree of booleans is True (False if empty)."""
+    leaves = jax.tree.leaves(flags)
+    if not leaves:
+        return jnp.zeros([], bool)
+    return jnp.any(jnp.stack([jnp.any(x) for x in leaves]))

@@ -87,3 +87,13 @@ def test_axis_name_sums_squared_norms_across_shards():
     g, y = sharded(split)
     np.testing.assert_allclose(float(g), float(_tree.global_norm(tree)), rtol=1e-6)
     np.testing.assert_allclose(float(y), float(jnp.linalg.norm(2 * x)), rtol=1e-6)
+
+
+def test_map_unzip_and_any_leaf():
+    tree = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])}
+    pos, neg = _tree.map_unzip(lambda x: (x > 0, x < 0), tree, n=2)
+    np.testing.assert_array_equal(pos["a"], [True, False])
+    np.testing.assert_array_equal(neg["b"], [False])
+    assert bool(_tree.any_leaf(neg)) and not bool(_tree.any_leaf({"b": neg["b"]}))
+    assert _tree.map_unzip(lambda x: (x, x), {}, n=2) == ({}, {})
+    assert not bool(_tree.any_leaf({}))
