@@ -23,18 +23,18 @@ from optax_stab._guards import (
     spike_guard,
 )
 from optax_stab._health import HealthState, health_monitor, health_report
+from optax_stab._median import WindowedMedianState, windowed_median
 from optax_stab._schedules import inverse_sqrt_decay
 from optax_stab._smoothing import (
     AmplifySlowState,
     EmaSmoothingState,
     FirSmoothingState,
-    WindowedMedianState,
+    MovingAverageState,
     amplify_slow,
     ema_smoothing,
     fir_smoothing,
     gaussian_smoothing,
     moving_average,
-    windowed_median,
 )
 
 __version__ = "0.1.0"
@@ -48,6 +48,7 @@ __all__ = [
     "FirSmoothingState",
     "GuardNonfiniteState",
     "HealthState",
+    "MovingAverageState",
     "SpikeClipState",
     "SpikeGuardState",
     "WindowedMedianState",

@@ -204,26 +204,40 @@ def spike_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        finite = _tree.all_finite(updates)
         active = state.count >= warmup_steps
 
-        def leaf(g, nu):
+        def spikes(g, nu):
             ct = _numerics.compute_dtype(g.dtype)
-            beta, theta = _numerics.as_stat(decay, ct), _numerics.as_stat(threshold, ct)
+            theta = _numerics.as_stat(threshold, ct)
             x, v = g.astype(ct), nu.astype(ct)
             cap2 = theta * v
-            spike = active & (v > 0) & (jnp.square(x) > cap2)
+            return x, v, cap2, active & (v > 0) & (jnp.square(x) > cap2)
+
+        def score(g, nu):
+            # 1 where a coordinate is clipped, else 0; NaN where g is not
+            # finite: one reduction per leaf answers both tree-wide questions.
+            x, _, _, spike = spikes(g, nu)
+            return jnp.abs(x) * 0 + spike.astype(x.dtype)
+
+        top = _tree.materialised(_tree.max_abs(jax.tree.map(score, updates, state.nu)))
+        finite = jnp.isfinite(top)
+
+        def leaf(g, nu):
+            x, v, cap2, spike = spikes(g, nu)
+            beta = _numerics.as_stat(decay, x.dtype)
             capped = jnp.sign(x) * _tree.safe_sqrt(cap2)
             out = jnp.where(spike, capped.astype(g.dtype), g)
-            ema = beta * v + (1 - beta) * jnp.square(jnp.where(spike, capped, x))
-            return out, jnp.where(finite, ema, v).astype(nu.dtype), jnp.any(spike)
+            # capped**2 is cap2: the sqrt stays in one kernel (``out``'s).
+            ema = beta * v + (1 - beta) * jnp.where(spike, cap2, jnp.square(x))
+            return out, jnp.where(finite, ema, v).astype(nu.dtype)
 
-        out, nu, flags = _tree.map_unzip(leaf, updates, state.nu, n=3)
-        clipped = finite & _tree.any_leaf(flags)
+        out, nu = _tree.map_unzip(leaf, updates, state.nu, n=2)
         return _tree.select(finite, out, updates), SpikeClipState(
             count=_numerics.increment_if(finite, state.count),
             nu=nu,
-            clipped_steps=_numerics.increment_if(clipped, state.clipped_steps),
+            clipped_steps=_numerics.increment_if(
+                finite & (top > 0), state.clipped_steps
+            ),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

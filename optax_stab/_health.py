@@ -28,7 +28,9 @@ class HealthState(NamedTuple):
         max_norm_seen: Largest finite global norm seen; float32 scalar.
         min_leaf_norm: Smallest leaf norm this step; float32 scalar.
         max_leaf_norm: Largest leaf norm this step; float32 scalar.
-        nonfinite_leaves: Leaves holding a NaN or Inf this step; int32 scalar.
+        nonfinite_leaves: Leaves whose norm is not finite this step (a NaN or
+            Inf, or elements beyond about ``1.8e19`` whose float32 squares
+            overflow); int32 scalar.
         health_step: Steps with a finite global norm seen so far; int32
             scalar, saturating.
     """
@@ -114,10 +116,8 @@ def health_monitor(
         stacked = jnp.stack(norms) if norms else jnp.zeros([1], jnp.float32)
         grad_norm = _tree.combine_norms(leaf_norms).astype(jnp.float32)
         finite = jnp.isfinite(grad_norm)
-        bad_leaves = sum(
-            (~jnp.all(jnp.isfinite(x))).astype(jnp.int32)
-            for x in jax.tree.leaves(updates)
-        )
+        # A leaf is non-finite when its norm is: no second pass over the data.
+        bad_leaves = sum((~jnp.isfinite(n)).astype(jnp.int32) for n in norms)
 
         # Fold the previous step's norm (if finite) into the statistics: the
         # current norm is then scored against the steps before it.

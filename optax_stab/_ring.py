@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_stab import _numerics
 
@@ -33,24 +34,37 @@ class RingBuffer(NamedTuple):
     filled: jax.Array
 
 
-def _stack_zeros(x: jax.Array, window: int, dtype: Any) -> jax.Array:
+def _stack_zeros(x: jax.Array, window: int, dtype: Any, fill: Any) -> jax.Array:
     # broadcast_to(zeros_like(p)[None]) keeps the leaf's sharding on the
     # trailing axes; jnp.zeros((W,) + shape) would lose it.
     x = jnp.asarray(x)
     zeros = jnp.zeros_like(x, dtype=x.dtype if dtype is None else dtype)
-    return jnp.broadcast_to(zeros[None], (window, *x.shape))
+    stacked = jnp.broadcast_to(zeros[None], (window, *x.shape))
+    if fill is None:
+        return stacked
+    values = np.asarray(fill(stacked.dtype) if callable(fill) else fill)
+    if values.shape != (window,):
+        raise ValueError(f"`fill` must have shape ({window},), got {values.shape}.")
+    return stacked + jnp.asarray(values, stacked.dtype).reshape(
+        (window,) + (1,) * x.ndim
+    )
 
 
-def init(tree: Any, window: int, dtype: Any = None) -> RingBuffer:
+def init(tree: Any, window: int, dtype: Any = None, fill: Any = None) -> RingBuffer:
     """An empty ring of ``window`` slots for each leaf of ``tree``.
+
+    Pushes write slots ``0, 1, 2, ...`` in order, so after ``n < window``
+    pushes slots ``n, ..., window - 1`` still hold their initial values.
 
     Args:
         tree: Pytree of arrays (or a scalar) whose shapes and shardings the
             slots copy.
         window: Number of slots, a static int >= 1.
         dtype: Slot dtype; ``None`` keeps each leaf's dtype.
+        fill: Static initial value of each slot: ``window`` floats, or a
+            function of the slot dtype returning them; ``None`` means zeros.
     """
-    values = jax.tree.map(lambda x: _stack_zeros(x, window, dtype), tree)
+    values = jax.tree.map(lambda x: _stack_zeros(x, window, dtype, fill), tree)
     return RingBuffer(values, _numerics.zero_count(), _numerics.zero_count())
 
 
@@ -83,6 +97,17 @@ def push(ring: RingBuffer, tree: Any, where: Any = True) -> RingBuffer:
     index = jnp.where(where, (ring.index + 1) % w, ring.index).astype(jnp.int32)
     filled = jnp.where(where, jnp.minimum(ring.filled + 1, w), ring.filled)
     return RingBuffer(values, index, filled.astype(jnp.int32))
+
+
+def next_slot(ring: RingBuffer) -> Any:
+    """The values in the slot the next push overwrites (the oldest once full).
+
+    While the ring is not full this is a slot's initial value.
+    """
+    return jax.tree.map(
+        lambda buf: jax.lax.dynamic_index_in_dim(buf, ring.index, keepdims=False),
+        ring.values,
+    )
 
 
 def lags(ring: RingBuffer) -> jax.Array:

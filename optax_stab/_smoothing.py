@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_stab import _median, _numerics, _ring, _tree, _validate
+from optax_stab import _numerics, _ring, _tree, _validate
 
 
 def _filtered(updates: Any, smoothed: Any, finite: jax.Array) -> Any:
@@ -133,15 +133,16 @@ class FirSmoothingState(NamedTuple):
     ring: _ring.RingBuffer
 
 
-def _ring_filter(window: int, accumulator_dtype, combine, state_cls):
+def ring_filter(window: int, accumulator_dtype, combine, state_cls, fill=None):
     """A filter over a ring of the last ``window`` finite gradients.
 
     ``combine(ring, like)`` reduces the ring (newest gradient pushed) to the
-    smoothed updates; ``state_cls`` wraps the ring.
+    smoothed updates; ``state_cls`` wraps the ring; ``fill`` is the ring's
+    initial slot values (:func:`optax_stab._ring.init`).
     """
 
     def init_fn(params):
-        return state_cls(_ring.init(params, window, accumulator_dtype))
+        return state_cls(_ring.init(params, window, accumulator_dtype, fill))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -158,7 +159,7 @@ def _fir(window: int, lag_weights_fn, accumulator_dtype):
         weights = _ring.slot_weights(ring, lag_weights_fn())
         return _ring.weighted_sum(ring, weights, like=like)
 
-    return _ring_filter(window, accumulator_dtype, combine, FirSmoothingState)
+    return ring_filter(window, accumulator_dtype, combine, FirSmoothingState)
 
 
 def fir_smoothing(
@@ -205,6 +206,23 @@ def fir_smoothing(
     return _fir(len(w), lambda: jnp.asarray(w32), accumulator_dtype)
 
 
+class MovingAverageState(NamedTuple):
+    """State of :func:`moving_average`.
+
+    Attributes:
+        ring: :class:`optax_stab._ring.RingBuffer` of the last ``window``
+            finite gradients (``window x params`` elements).
+        total: Running sum of the gradients in the ring, like the params in
+            float32 (or the params' wider dtype).
+        block: Sum of the gradients pushed since the ring last wrapped to
+            slot 0, same dtype as ``total``.
+    """
+
+    ring: _ring.RingBuffer
+    total: Any
+    block: Any
+
+
 def moving_average(
     window: int = 8, *, accumulator_dtype: jax.typing.DTypeLike | None = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -212,10 +230,18 @@ def moving_average(
 
     :math:`u_t = \frac{1}{n_t}\sum_{k<n_t} g_{t-k}` with
     :math:`n_t = \min(t, W)`: the mean of the gradients seen so far during
-    warm-up, so step 1 returns the gradient itself. Memory:
-    ``window x params`` elements (halve it with
-    ``accumulator_dtype=jnp.bfloat16``). A step with any non-finite gradient
-    is passed through unchanged and not stored.
+    warm-up, so step 1 returns the gradient itself. A step with any
+    non-finite gradient is passed through unchanged and not stored.
+
+    The sum is kept running, :math:`S_t = S_{t-1} + g_t - g_{t-W}`, so a step
+    reads the oldest slot and writes the newest whatever the window: its cost
+    does not grow with ``window``. Rounding cannot drift: a second sum of the
+    gradients pushed since the ring last wrapped replaces :math:`S` each time
+    the ring is rewritten in full (every ``window`` finite steps), so
+    :math:`S` never carries more than ``2 window`` roundings. Memory:
+    ``window x params`` elements for the ring (halve it with
+    ``accumulator_dtype=jnp.bfloat16``; the mean is then of the stored
+    bfloat16 values) plus two float32 copies of the params for the sums.
 
     Args:
         window: Number of gradients averaged; a static int >= 1 (list it in
@@ -240,7 +266,51 @@ def moving_average(
         [4.]
     """
     _validate.check_int("window", window, low=1)
-    return _fir(window, lambda: jnp.ones([window], jnp.float32), accumulator_dtype)
+
+    def init_fn(params):
+        def zeros(p):
+            return jnp.zeros_like(p, dtype=_numerics.compute_dtype(p.dtype))
+
+        return MovingAverageState(
+            ring=_ring.init(params, window, accumulator_dtype),
+            total=jax.tree.map(zeros, params),
+            block=jax.tree.map(zeros, params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        finite = _tree.all_finite(updates)
+        ring = state.ring
+        restart = ring.index == 0  # this push starts a new pass over the ring
+        complete = ring.index == window - 1  # ... and this one ends it
+        count = jnp.minimum(ring.filled + 1, window).astype(jnp.float32)
+
+        def leaf(g, buf, oldest, total, block):
+            stored = g.astype(buf.dtype).astype(total.dtype)
+            block = jnp.where(restart, stored, block + stored)
+            total = jnp.where(
+                complete, block, total + stored - oldest.astype(total.dtype)
+            )
+            mean = (total / count.astype(total.dtype)).astype(g.dtype)
+            return mean, total, block
+
+        mean, total, block = _tree.map_unzip(
+            leaf,
+            updates,
+            ring.values,
+            _ring.next_slot(ring),
+            state.total,
+            state.block,
+            n=3,
+        )
+        new_state = MovingAverageState(
+            ring=_ring.push(ring, updates, where=finite),
+            total=_tree.select(finite, total, state.total),
+            block=_tree.select(finite, block, state.block),
+        )
+        return _filtered(updates, mean, finite), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def gaussian_weights(window: int, sigma: Any) -> jax.Array:
@@ -290,63 +360,6 @@ def gaussian_smoothing(
     sigma = window / 2 if sigma is None else sigma
     _validate.check_interval("sigma", sigma, low=0.0)
     return _fir(window, lambda: gaussian_weights(window, sigma), accumulator_dtype)
-
-
-# ------------------------------------------------------------------------ median
-class WindowedMedianState(NamedTuple):
-    """State of :func:`windowed_median`.
-
-    Attributes:
-        ring: :class:`optax_stab._ring.RingBuffer` of the last ``window``
-            finite gradients (``window x params`` elements).
-    """
-
-    ring: _ring.RingBuffer
-
-
-def windowed_median(
-    window: int = 5, *, accumulator_dtype: jax.typing.DTypeLike | None = None
-) -> optax.GradientTransformationExtraArgs:
-    r"""Coordinate-wise median of the last ``window`` gradients.
-
-    The median keeps edges that a mean blurs and ignores isolated spikes: a
-    single outlier of any size inside a window of 5 leaves the output within
-    the range of the other values. With ``n_t = min(t, W)`` gradients seen, the
-    output is their median (the mean of the two middle values for even
-    ``n_t``), so step 1 returns the gradient itself.
-
-    It is computed with a compare-exchange selection network (``jnp.minimum`` /
-    ``jnp.maximum``), not a sort: one fused pass over the ring buffer, no
-    temporary. Memory: ``window x params`` elements (``accumulator_dtype=
-    jnp.bfloat16`` halves it for float32 params; comparisons are exact in the
-    stored dtype). A step with any non-finite gradient is passed through
-    unchanged and not stored.
-
-    Args:
-        window: Number of gradients; a static int in [1, 32].
-        accumulator_dtype: dtype of the ring buffer; ``None`` keeps the param
-            dtype.
-
-    Returns:
-        An :class:`optax.GradientTransformationExtraArgs`.
-
-    Raises:
-        ValueError: If ``window`` is not an int in [1, 32].
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> import optax_stab
-        >>> tx = optax_stab.windowed_median(3)
-        >>> state = tx.init(jnp.zeros(2))
-        >>> for g in ([1.0, 5.0], [1000.0, 6.0], [2.0, 7.0]):
-        ...     u, state = tx.update(jnp.array(g), state)
-        >>> print(u)
-        [2. 6.]
-    """
-    _validate.check_int("window", window, low=1, high=_median.MAX_WINDOW)
-    return _ring_filter(
-        window, accumulator_dtype, _median.ring_median, WindowedMedianState
-    )
 
 
 # ---------------------------------------------------------------- amplify_slow

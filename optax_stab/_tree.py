@@ -1,4 +1,20 @@
-"""Pytree norms accumulated in float32, zero-safe, optionally summed over an axis."""
+"""Pytree norms accumulated in float32, zero-safe, optionally summed over an axis.
+
+**Tree-wide scalars and compile time.** A scalar computed from every leaf (a
+global norm, an "all finite" flag) and then read by every leaf's elementwise
+update is, in XLA's optimised HLO, a chain of ``N`` cheap scalar ops (``add``,
+``and``, ``max``, compares) combining the per-leaf reductions. XLA's
+instruction fusion duplicates cheap producers into each consumer fusion, so
+every one of the ``N`` leaf fusions would get its own copy of the ``N``-long
+chain: ``N**2`` instructions, and compile time quadratic in the leaf count
+(minutes at 1024 leaves). It does not duplicate ops it deems expensive, and
+``sqrt`` is one (this is why ``optax.clip_by_global_norm`` stays linear);
+``lax.optimization_barrier`` does not help, the CPU pipeline removes it
+before fusion. So every tree-wide scalar in this module passes through
+:func:`materialised`, a ``sqrt`` that is computed once in its own fusion and
+read by the leaf fusions as a parameter. Keep new tree-wide decisions on top
+of these helpers (``tests/test_compile_scaling.py`` guards it).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +30,27 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     """``sqrt`` whose value and derivative are 0 at 0 (NaN and Inf propagate)."""
     zero = x == 0
     return jnp.where(zero, jnp.zeros_like(x), jnp.sqrt(jnp.where(zero, 1, x)))
+
+
+def total_sqrt(total: jax.Array) -> jax.Array:
+    """:func:`safe_sqrt` of a tree-wide sum, reading the sum only through sqrt.
+
+    Same value and derivative as ``safe_sqrt(total)``; its zero test is made
+    on :func:`materialised` ``(total)``, so consumers in every leaf never read
+    the ``N``-long chain that built ``total`` (see the module note).
+    """
+    zero = jax.lax.stop_gradient(materialised(total)) == 0
+    return jnp.where(zero, jnp.zeros_like(total), jnp.sqrt(jnp.where(zero, 1, total)))
+
+
+def materialised(total: jax.Array) -> jax.Array:
+    """``sqrt(total)`` of a non-negative tree-wide sum: one fusion, read by all.
+
+    ``sqrt`` maps 0 to 0, positive values to positive values, and keeps NaN and
+    Inf, so tests of zero, sign and finiteness on the result are exact tests
+    on ``total``; XLA never duplicates it into the consumers.
+    """
+    return jnp.sqrt(total)
 
 
 def squared_norm(x: jax.Array, dtype: Any = None) -> jax.Array:
@@ -57,13 +94,34 @@ def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.A
     dtype = _numerics.resolve_dtype(dtype)
     leaves = jax.tree.leaves(tree)
     total = sum((squared_norm(x, dtype) for x in leaves), jnp.zeros([], dtype))
-    return safe_sqrt(_psum(total, axis_name))
+    return total_sqrt(_psum(total, axis_name))
+
+
+def max_abs(tree: Any) -> jax.Array:
+    """Largest ``|x|`` over every element of every float leaf, float32 scalar.
+
+    NaN if any element is NaN, Inf if any is infinite (and none NaN), 0 for an
+    empty tree. One fused reduction per leaf; read through :func:`materialised`
+    by tree-wide consumers (see the module note).
+    """
+    out = jnp.zeros([], jnp.float32)
+    for x in jax.tree.leaves(tree):
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
+            # max propagates NaN in XLA; |x| >= 0, so 0 is a neutral start.
+            out = jnp.maximum(out, jnp.max(jnp.abs(x)).astype(jnp.float32))
+    return out
 
 
 def all_finite(tree: Any) -> jax.Array:
-    """Boolean scalar: every element of every leaf is finite."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+    """Boolean scalar: every element of every leaf is finite (True if empty).
+
+    Exact whatever the magnitudes (a finite ``1e30`` is finite). It reads
+    every element once (:func:`max_abs`: on CPU a ``max`` reduction fuses with
+    its ``abs`` where ``all(isfinite(x))`` takes several passes) and compiles
+    in time linear in the leaf count.
+    """
+    return jnp.isfinite(materialised(max_abs(tree)))
 
 
 def scale(tree: Any, factor: jax.Array) -> Any:
@@ -91,11 +149,17 @@ def combine_norms(norms: Any) -> jax.Array:
     leaves = jax.tree.leaves(norms)
     if not leaves:
         return jnp.zeros([], jnp.float32)
-    n = jnp.stack([jnp.asarray(x) for x in leaves])
-    m = jnp.max(n)
-    ok = jnp.isfinite(m) & (m > 0)
-    d = jnp.where(ok, m, jnp.ones_like(m))
-    return jnp.where(ok, d * safe_sqrt(jnp.sum(jnp.square(n / d))), m)
+    n = jnp.stack([jnp.asarray(x) for x in leaves]).astype(jnp.float32)
+    # The largest norm m, read through a sqrt (module note); the scale d is
+    # the power of two at or below it (from r = sqrt(m)), so n / d is exact.
+    r = materialised(jnp.max(n))
+    ok = jnp.isfinite(r) & (r > 0)
+    safe_r = jnp.where(ok, r, jnp.ones_like(r))
+    e = jnp.clip(jnp.floor(2 * jnp.log2(safe_r)), -126, 127).astype(jnp.int32)
+    d = jnp.ldexp(jnp.ones_like(r), e)
+    total = d * total_sqrt(jnp.sum(jnp.square(n / d)))
+    # Where not ok, m is 0, Inf or NaN, and r * r is exactly m.
+    return jnp.where(ok, total, r * r)
 
 
 def scale_where(tree: Any, pred: jax.Array, factor: jax.Array) -> Any:

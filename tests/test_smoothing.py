@@ -227,6 +227,25 @@ def test_nonfinite_step_passes_through_and_is_not_stored():
     np.testing.assert_array_equal(u, [2.0, 2.0])
 
 
+def test_moving_average_running_sum_does_not_drift():
+    # A plain running sum S += g_t - g_{t-W} carries every rounding since step 1:
+    # on gradients near 3, after 20000 steps its error is ~1e-5 of the mean.
+    # The block sum that replaces S every W steps keeps it at a few ulps.
+    window, steps = 8, 20_000
+    tx = optax_stab.moving_average(window)
+    seq = 3.0 + jax.random.normal(jax.random.key(0), (steps, 256), jnp.float32)
+
+    def step(state, g):
+        u, state = tx.update(g, state)
+        return state, u
+
+    _, out = jax.lax.scan(step, tx.init(seq[0]), seq)
+    x = np.asarray(seq[-1000 - window + 1 :], np.float64)
+    ref = np.stack([x[i : i + window].mean(0) for i in range(1000)])
+    rel = np.abs(np.asarray(out[-1000:], np.float64) - ref) / np.abs(ref)
+    assert rel.max() < 1e-6, rel.max()
+
+
 class BadHyperparametersTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("ema_decay_one", optax_stab.ema_smoothing, {"decay": 1.0}, "decay"),
