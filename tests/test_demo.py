@@ -37,13 +37,14 @@ TASK_KEYS = {
 MAY_BE_NULL = {"steps_to_solve_median", "skipped_steps_median", "clipped_steps_median"}
 
 
-def _check_results_json(results):
-    assert set(results["tasks"]) == set(tasks.TASK_NAMES)
+def _check_results_json(results, task_names, chain_names):
+    assert set(results["tasks"]) == set(task_names)
     assert results["settings"]["quick"] is True
-    assert results["settings"]["seeds"] == demo_cli.QUICK_SEEDS
+    assert results["settings"]["seeds"] == TINY_SEEDS
     for task_name, task in results["tasks"].items():
         assert set(task) == TASK_KEYS, task_name
-        assert list(task["chains"]) == list(chains_lib.available_chains())
+        assert task["steps"] == TINY_STEPS
+        assert list(task["chains"]) == list(chain_names)
         for chain_name, chain in task["chains"].items():
             assert set(chain) == set(report.CHAIN_KEYS), chain_name
             assert 0.0 <= chain["diverged_rate"] <= 1.0
@@ -58,11 +59,24 @@ def _check_results_json(results):
                 ), (task_name, chain_name, key, value)
 
 
-def test_quick_run_writes_every_promised_file_and_valid_results(tmp_path):
-    # One test for the whole --quick run, so that pytest-xdist runs it once.
-    returned = demo_cli.demo(["--quick", "--out", str(tmp_path)])
+# The whole --quick demo takes minutes, nearly all of it compiling one program
+# per task with every chain in it. These runs keep every chain and every task
+# end to end (every chain on the cheapest task, every task with two chains),
+# at a few steps and two seeds: the same code writes every file.
+TINY_STEPS, TINY_SEEDS = 5, 2
+
+
+def _tiny_run(tmp_path, tasks_arg, chains_arg=None):
+    argv = ["--quick", "--steps", str(TINY_STEPS), "--seeds", str(TINY_SEEDS)]
+    argv += ["--tasks", tasks_arg, "--out", str(tmp_path)]
+    if chains_arg is not None:
+        argv += ["--chains", chains_arg]
+    return demo_cli.demo(argv)
+
+
+def _check_files(tmp_path, task_names, chain_names, returned):
     expected = ["divergence.png", "results.json", "results.md"]
-    for name in tasks.TASK_NAMES:
+    for name in task_names:
         expected += [f"loss_{name}.png", f"grad_norm_{name}.png"]
     for name in expected:
         path = tmp_path / name
@@ -74,12 +88,24 @@ def test_quick_run_writes_every_promised_file_and_valid_results(tmp_path):
     with open(tmp_path / "results.json") as f:
         results = json.load(f)  # strict JSON: NaN/Infinity would not parse back
     assert results == json.loads(json.dumps(returned))
-    _check_results_json(results)
+    _check_results_json(results, task_names, chain_names)
 
     text = (tmp_path / "results.md").read_text()
-    assert text.count("| chain | test loss |") == len(tasks.TASK_NAMES)
-    for name in chains_lib.available_chains():
+    assert text.count("| chain | test loss |") == len(task_names)
+    for name in chain_names:
         assert f"| {name} |" in text
+
+
+def test_every_chain_runs_end_to_end_and_writes_every_file(tmp_path):
+    chains = chains_lib.available_chains()
+    returned = _tiny_run(tmp_path, "linear")
+    _check_files(tmp_path, ["linear"], chains, returned)
+
+
+def test_every_task_runs_end_to_end_and_writes_every_file(tmp_path):
+    chains = ["plain", "clip_by_norm"]
+    returned = _tiny_run(tmp_path, ",".join(tasks.TASK_NAMES), ",".join(chains))
+    _check_files(tmp_path, tasks.TASK_NAMES, chains, returned)
 
 
 @pytest.mark.parametrize(
