@@ -211,9 +211,13 @@ def zscore_clip(
 
     def init_fn(params):
         del params
-        zero = jnp.zeros([], jnp.float32)
-        count = _numerics.zero_count()
-        return ZscoreClipState(count, zero, zero, zero, count)
+
+        def zero():  # a fresh buffer per field, so the state can be donated
+            return jnp.zeros([], jnp.float32)
+
+        return ZscoreClipState(
+            _numerics.zero_count(), zero(), zero(), zero(), _numerics.zero_count()
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -341,9 +345,12 @@ def adaptive_tensor_clip(
     )
 
     def init_fn(params):
-        zeros = jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
-        count = _numerics.zero_count()
-        return AdaptiveTensorClipState(count, zeros, zeros, count)
+        def zeros():  # fresh buffers per field, so the state can be donated
+            return jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
+
+        return AdaptiveTensorClipState(
+            _numerics.zero_count(), zeros(), zeros(), _numerics.zero_count()
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

@@ -95,15 +95,17 @@ def health_monitor(
     _validate.check_interval("decay", decay, low=0.0, high=1.0, low_closed=True)
 
     def init_fn(params):
-        zero = jnp.zeros([], jnp.float32)
+        def zero():  # a fresh buffer per field, so the state can be donated
+            return jnp.zeros([], jnp.float32)
+
         return HealthState(
-            grad_norm=zero,
-            leaf_norms=jax.tree.map(lambda _: zero, params),
-            norm_ema=zero,
-            norm_var_ema=zero,
-            max_norm_seen=zero,
-            min_leaf_norm=zero,
-            max_leaf_norm=zero,
+            grad_norm=zero(),
+            leaf_norms=jax.tree.map(lambda _: zero(), params),
+            norm_ema=zero(),
+            norm_var_ema=zero(),
+            max_norm_seen=zero(),
+            min_leaf_norm=zero(),
+            max_leaf_norm=zero(),
             nonfinite_leaves=_numerics.zero_count(),
             health_step=_numerics.zero_count(),
         )
@@ -294,10 +296,15 @@ def _payload(kind: str, node: Any) -> Any:
     return out
 
 
-def _unit_keys(kind: str, payload: Any, ratio: float, z_max: float) -> dict:
+def _unit_keys(
+    kind: str, payload: Any, ratio: float, z_max: float, stalled: float
+) -> dict:
     if kind == "health":
         return _health_keys(payload, ratio, z_max)
-    return {k: float(v) for k, v in payload}
+    out = {k: float(v) for k, v in payload}
+    if "skip_fraction" in out:  # a guard of optax_stab
+        out["guard_stalled"] = float(out["skip_fraction"] > stalled)
+    return out
 
 
 def health_report(
@@ -305,6 +312,7 @@ def health_report(
     *,
     vanishing_ratio: float = 1e-3,
     exploding_z: float = 6.0,
+    stalled_fraction: float = 0.5,
 ) -> dict[str, float]:
     """Flattens every health, clip and guard state in an optimizer state to floats.
 
@@ -330,7 +338,13 @@ def health_report(
       ``clipped_steps``, ``spike_steps``, ``nonfinite_steps`` or
       ``consecutive_nonfinite`` gives every scalar field under its own name
       (``pre_clip_norm``, ``spike_steps``, ``norm_z``, ...) and every field
-      that is a pytree of scalars as ``<field>/<path>``.
+      that is a pytree of scalars as ``<field>/<path>``;
+    * a guard of :mod:`optax_stab` (a state with a ``skip_fraction`` field:
+      :func:`guard_nonfinite`, :func:`spike_guard`) also gives
+      ``guard_stalled``: 1.0 when ``skip_fraction``, the guard's EMA of
+      skipped steps over about the last 100 steps (decay 0.99), is above
+      ``stalled_fraction`` (by default: more than half of the recent steps
+      were skipped, so training has all but stopped), else 0.0.
 
     Keys are the names above when they are unique. When two states would
     give the same key (two monitors, two clippers), every key of those
@@ -349,12 +363,15 @@ def health_report(
         vanishing_ratio: Relative leaf norm below which a leaf is vanishing,
             in [0, 1].
         exploding_z: z-score above which the global norm is exploding; > 0.
+        stalled_fraction: Fraction of recent steps skipped above which a guard
+            is stalled, in [0, 1].
 
     Returns:
         A ``dict`` of plain Python floats, ready for any logger.
 
     Raises:
-        ValueError: If ``vanishing_ratio`` or ``exploding_z`` is out of range.
+        ValueError: If ``vanishing_ratio``, ``exploding_z`` or
+            ``stalled_fraction`` is out of range.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -382,6 +399,14 @@ def health_report(
         high_closed=True,
     )
     _validate.check_interval("exploding_z", exploding_z, low=0.0)
+    _validate.check_interval(
+        "stalled_fraction",
+        stalled_fraction,
+        low=0.0,
+        high=1.0,
+        low_closed=True,
+        high_closed=True,
+    )
     if not _is_state(opt_state) and hasattr(opt_state, "opt_state"):
         opt_state = opt_state.opt_state
     found: list = []
@@ -389,7 +414,10 @@ def health_report(
     # One transfer of the scalars only (never the moments of an inner state).
     payloads = jax.device_get([_payload(kind, node) for _, kind, node in found])
     units = [
-        (path, _unit_keys(kind, payload, vanishing_ratio, exploding_z))
+        (
+            path,
+            _unit_keys(kind, payload, vanishing_ratio, exploding_z, stalled_fraction),
+        )
         for (path, kind, _), payload in zip(found, payloads)
     ]
     seen: dict[str, int] = {}

@@ -110,8 +110,16 @@ def ema_smoothing(
         count = _numerics.increment_if(finite, state.count)
         weight = beta * state.weight + (1 - beta)
         bias = weight if debias else jnp.ones([], jnp.float32)
-        smoothed = jax.tree.map(lambda m, g: (m / bias).astype(g.dtype), new, updates)
         ema = _tree.select(finite, _tree.cast_like(new, state.ema), state.ema)
+
+        def out(m, stored, g):
+            # From the stored EMA when it holds the float32 value exactly: then
+            # only the state's kernel reads the old EMA, and XLA can update a
+            # donated state in place instead of copying it first.
+            src = stored if stored.dtype == m.dtype else m
+            return (src.astype(jnp.float32) / bias).astype(g.dtype)
+
+        smoothed = jax.tree.map(out, new, ema, updates)
         weight = jnp.where(finite, weight, state.weight)
         return _filtered(updates, smoothed, finite), EmaSmoothingState(
             count, ema, weight
@@ -212,8 +220,9 @@ class MovingAverageState(NamedTuple):
     Attributes:
         ring: :class:`optax_stab._ring.RingBuffer` of the last ``window``
             finite gradients (``window x params`` elements).
-        total: Running sum of the gradients in the ring, like the params in
-            float32 (or the params' wider dtype).
+        total: Running sum of the gradients in the ring except the one the
+            next push overwrites (the ``window - 1`` newest once full), like
+            the params in float32 (or the params' wider dtype).
         block: Sum of the gradients pushed since the ring last wrapped to
             slot 0, same dtype as ``total``.
     """
@@ -233,12 +242,13 @@ def moving_average(
     warm-up, so step 1 returns the gradient itself. A step with any
     non-finite gradient is passed through unchanged and not stored.
 
-    The sum is kept running, :math:`S_t = S_{t-1} + g_t - g_{t-W}`, so a step
-    reads the oldest slot and writes the newest whatever the window: its cost
-    does not grow with ``window``. Rounding cannot drift: a second sum of the
-    gradients pushed since the ring last wrapped replaces :math:`S` each time
-    the ring is rewritten in full (every ``window`` finite steps), so
-    :math:`S` never carries more than ``2 window`` roundings. Memory:
+    The sum is kept running (the state holds the sum of the gradients that
+    stay in the window after the next push), so a step reads one slot and
+    writes one whatever the window: its cost does not grow with ``window``.
+    Rounding cannot drift: a second sum, of the gradients pushed since the
+    ring last wrapped, replaces the running sum :math:`S` each time the ring
+    is rewritten in full (every ``window`` finite steps), so :math:`S` never
+    carries more than ``2 window`` roundings. Memory:
     ``window x params`` elements for the ring (halve it with
     ``accumulator_dtype=jnp.bfloat16``; the mean is then of the stored
     bfloat16 values) plus two float32 copies of the params for the sums.
@@ -280,35 +290,46 @@ def moving_average(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         finite = _tree.all_finite(updates)
-        ring = state.ring
-        restart = ring.index == 0  # this push starts a new pass over the ring
-        complete = ring.index == window - 1  # ... and this one ends it
-        count = jnp.minimum(ring.filled + 1, window).astype(jnp.float32)
+        restart = state.ring.index == 0  # this push starts a pass over the ring
+        complete = state.ring.index == window - 1  # ... and this one ends it
+        count = jnp.minimum(state.ring.filled + 1, window).astype(jnp.float32)
+        ring = _ring.push(state.ring, updates, where=finite)
+        # The slot the *next* push overwrites, read from the updated ring: no
+        # kernel reads the old ring besides the in-place write (a second
+        # reader makes XLA copy the whole ring on every step).
+        leaving = _ring.next_slot(ring)
 
-        def leaf(g, buf, oldest, total, block):
-            stored = g.astype(buf.dtype).astype(total.dtype)
-            block = jnp.where(restart, stored, block + stored)
-            total = jnp.where(
-                complete, block, total + stored - oldest.astype(total.dtype)
-            )
-            mean = (total / count.astype(total.dtype)).astype(g.dtype)
-            return mean, total, block
-
-        mean, total, block = _tree.map_unzip(
-            leaf,
+        # The gradients as the ring stores them, in the sums' dtype.
+        pushed = jax.tree.map(
+            lambda g, buf, t: g.astype(buf.dtype).astype(t.dtype),
             updates,
             ring.values,
-            _ring.next_slot(ring),
             state.total,
-            state.block,
-            n=3,
         )
-        new_state = MovingAverageState(
-            ring=_ring.push(ring, updates, where=finite),
-            total=_tree.select(finite, total, state.total),
-            block=_tree.select(finite, block, state.block),
+        # Each old sum is read by one kernel only, the one that replaces it,
+        # so XLA updates a donated state in place instead of copying it.
+        block = jax.tree.map(
+            lambda x, b: jnp.where(restart, x, b + x), pushed, state.block
         )
-        return _filtered(updates, mean, finite), new_state
+        block = _tree.select(finite, block, state.block)
+        total = jax.tree.map(
+            lambda x, t, b, out: jnp.where(complete, b, t + x) - out.astype(t.dtype),
+            pushed,
+            state.total,
+            block,
+            leaving,
+        )
+        total = _tree.select(finite, total, state.total)
+
+        def mean(g, total, block, out_slot):
+            # From the new sums: only their own kernels read the old ones, so
+            # XLA updates a donated state in place (one rounding of the mean).
+            full = jnp.where(complete, block, total + out_slot.astype(total.dtype))
+            return (full / count.astype(full.dtype)).astype(g.dtype)
+
+        means = jax.tree.map(mean, updates, total, block, leaving)
+        new_state = MovingAverageState(ring=ring, total=total, block=block)
+        return _filtered(updates, means, finite), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
