@@ -16,6 +16,13 @@ from optax_stab._clipping import (
     spike_clip,
 )
 from optax_stab._constraints import add_l1_penalty, clip_weights
+from optax_stab._fir import (
+    FirSmoothingState,
+    MovingAverageState,
+    fir_smoothing,
+    gaussian_smoothing,
+    moving_average,
+)
 from optax_stab._guards import (
     GuardNonfiniteState,
     SpikeGuardState,
@@ -28,13 +35,8 @@ from optax_stab._schedules import inverse_sqrt_decay
 from optax_stab._smoothing import (
     AmplifySlowState,
     EmaSmoothingState,
-    FirSmoothingState,
-    MovingAverageState,
     amplify_slow,
     ema_smoothing,
-    fir_smoothing,
-    gaussian_smoothing,
-    moving_average,
 )
 
 __version__ = "0.1.0"

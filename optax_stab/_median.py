@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_stab import _ring, _smoothing, _validate
+from optax_stab import _fir, _ring, _validate
 
 MAX_WINDOW = 32
 
@@ -184,7 +184,7 @@ def windowed_median(
         [2. 6.]
     """
     _validate.check_int("window", window, low=1, high=MAX_WINDOW)
-    return _smoothing.ring_filter(
+    return _fir.ring_filter(
         window,
         accumulator_dtype,
         ring_median,

@@ -206,9 +206,7 @@ class SmoothingPropertiesTest(chex.TestCase):
             jnp.asarray(index % window, jnp.int32),
             jnp.asarray(min(filled, window), jnp.int32),
         )
-        w = _ring.slot_weights(
-            ring, optax_stab._smoothing.gaussian_weights(window, sigma)
-        )
+        w = _ring.slot_weights(ring, optax_stab._fir.gaussian_weights(window, sigma))
         np.testing.assert_allclose(float(jnp.sum(w)), 1.0, rtol=1e-6)
         assert np.count_nonzero(np.asarray(w) > 0) <= min(filled, window)
 
