@@ -9,18 +9,25 @@ from collections.abc import Sequence
 from optax_stab import _bench
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> tuple[
     argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
 ]:
     """The ``optax-stab`` parser and its subcommand parsers by name."""
     from optax_stab.demo import cli as demo_cli
 
-    parser = demo_cli.OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="optax-stab",
         description="Optax gradient transformations that keep training stable.",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="COMMAND", parser_class=demo_cli.OneLineErrorParser
+        dest="command", metavar="COMMAND", parser_class=OneLineErrorParser
     )
     demo = sub.add_parser(
         "demo",
@@ -48,16 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code (0). Bad flags exit with code 2 and a one-line message.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Parsed by the benchmark alone: it needs no demo (and no flax).
+        _bench.main(argv[1:], prog="optax-stab bench")
+        return 0
     from optax_stab.demo import cli as demo_cli
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 0
-    if args.command == "bench":
-        _bench.main(argv[1:])
         return 0
     try:
         plan = demo_cli.resolve(args)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import optax_stab
+from optax_stab import _cli
 from optax_stab.demo import chains as chains_lib
 from optax_stab.demo import tasks as tasks_lib
 
@@ -273,20 +274,13 @@ def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, An
 
 def build_parser(prog: str = "optax-stab demo") -> argparse.ArgumentParser:
     """A stand-alone parser for ``python -m optax_stab.demo``."""
-    parser = OneLineErrorParser(
+    parser = _cli.OneLineErrorParser(
         prog=prog,
         description=description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return parser
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
