@@ -58,6 +58,54 @@ def _zero_where(pred: jax.Array, updates: Any) -> Any:
     return jax.tree.map(lambda u: jnp.where(pred, jnp.zeros_like(u), u), updates)
 
 
+SKIP_FRACTION_DECAY = 0.99
+"""Decay of the ``skip_fraction`` EMA of both guards (about the last 100 steps)."""
+
+SPIKE_MAX_CONSECUTIVE = 8
+"""Default ``max_consecutive`` of :func:`spike_guard`."""
+
+
+def _bounded_run(
+    bad: jax.Array,
+    run: jax.Array,
+    max_consecutive: jax.typing.ArrayLike | None,
+    always: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The one meaning of ``max_consecutive``, shared by both guards.
+
+    A bad step is acted on (skipped, rescaled or reset) only while fewer than
+    ``max_consecutive`` steps in a row have been acted on; the bad step that
+    follows such a run is *forced*: applied as a normal step, which ends the
+    run. ``None`` acts on every bad step. Steps in ``always`` are acted on
+    whatever the run (and extend it).
+
+    Args:
+        bad: bool scalar, this step would be acted on.
+        run: int32 scalar, steps acted on in a row before this one.
+        max_consecutive: The bound, an integer >= 0, or ``None``.
+        always: Optional bool scalar of steps acted on regardless.
+
+    Returns:
+        ``(act, forced, run)``: whether this step is acted on, whether it is a
+        bad step applied because of the bound, and the updated run length
+        (saturating; 0 after a step that is not acted on).
+    """
+    act = bad
+    if max_consecutive is not None:
+        act = bad & (run.astype(jnp.float32) < _numerics.as_stat(max_consecutive))
+    if always is not None:
+        act = act | always
+    forced = bad & ~act
+    run = jnp.where(act, optax.safe_increment(run), jnp.zeros_like(run))
+    return act, forced, run
+
+
+def _skip_fraction(fraction: jax.Array, skipped: jax.Array) -> jax.Array:
+    """EMA update of the fraction of skipped steps (float32 scalar)."""
+    d = SKIP_FRACTION_DECAY
+    return (d * fraction + (1 - d) * skipped.astype(jnp.float32)).astype(jnp.float32)
+
+
 # ---------------------------------------------------------------- nonfinite
 class GuardNonfiniteState(NamedTuple):
     """State of :func:`guard_nonfinite`.
@@ -66,16 +114,22 @@ class GuardNonfiniteState(NamedTuple):
         inner_state: State of the wrapped transformation.
         nonfinite_steps: Steps with a NaN or Inf in the gradients or the loss,
             skipped or not; int32 scalar, saturating.
-        consecutive_nonfinite: Non-finite steps in a row up to now; 0 after a
-            finite step; int32 scalar, saturating.
-        applied_nonfinite_steps: Non-finite steps applied anyway because more
-            than ``max_consecutive`` came in a row; int32 scalar, saturating.
+        consecutive_nonfinite: Non-finite steps skipped in a row up to now; 0
+            after an applied step; int32 scalar, saturating.
+        applied_nonfinite_steps: Non-finite steps passed to ``inner`` anyway
+            because ``max_consecutive`` steps in a row had been skipped; int32
+            scalar, saturating.
+        skip_fraction: EMA (decay ``SKIP_FRACTION_DECAY`` = 0.99, about the
+            last 100 steps; starts at 0) of 1.0 for a skipped step and 0.0 for
+            an applied one; float32 scalar. :func:`optax_stab.health_report`
+            turns it into ``guard_stalled``.
     """
 
     inner_state: Any
     nonfinite_steps: jax.Array
     consecutive_nonfinite: jax.Array
     applied_nonfinite_steps: jax.Array
+    skip_fraction: jax.Array
 
 
 def guard_nonfinite(
@@ -89,22 +143,29 @@ def guard_nonfinite(
     ``loss=`` extra argument is given and is not finite. A bad step returns a
     zero update (in the gradients' dtype) and leaves ``inner_state`` bit for
     bit unchanged; it is counted in ``nonfinite_steps`` and
-    ``consecutive_nonfinite``. After more than ``max_consecutive`` bad steps
-    in a row, bad steps are passed to ``inner`` anyway (the inner
-    transformation decides what to do with them) and counted in
-    ``applied_nonfinite_steps``, until a finite step resets the run.
+    ``consecutive_nonfinite``.
 
-    Unlike ``optax.apply_if_finite``, the loss is checked too and the
-    consecutive counter is reset by the first good step. The inner update is
-    always computed and selected arithmetically (no ``lax.cond``), so the
-    guard costs one select over the inner state. Extra arguments (``loss=``
-    and others) are forwarded to ``inner``.
+    ``max_consecutive`` has the meaning it has in :func:`spike_guard`: **at
+    most** ``max_consecutive`` **steps in a row are skipped; the next one is
+    applied**. After ``max_consecutive`` skipped bad steps in a row, the next
+    bad step is passed to ``inner`` anyway (the inner transformation decides
+    what to do with it), counted in ``applied_nonfinite_steps``, and starts a
+    new run. Any applied step resets ``consecutive_nonfinite`` to 0.
+
+    Unlike ``optax.apply_if_finite``, the loss is checked too. The inner
+    update is always computed and selected arithmetically (no ``lax.cond``),
+    so the guard costs one select over the inner state. Extra arguments
+    (``loss=`` and others) are forwarded to ``inner``.
 
     Args:
         inner: The transformation to guard.
-        max_consecutive: Number of bad steps in a row that are skipped, an
-            integer >= 0 (0 applies every step but still counts them);
-            ``None`` skips every bad step.
+        max_consecutive: Bad steps in a row that are skipped, an integer >= 0
+            (0 applies every step but still counts them). ``None`` (default)
+            skips every bad step, however many: parameters and inner state can
+            never be poisoned by a NaN, but if the gradients stay non-finite
+            training stops for good. ``consecutive_nonfinite`` and
+            ``skip_fraction`` show it, and :func:`optax_stab.health_report`
+            sets ``guard_stalled``.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -141,6 +202,7 @@ def guard_nonfinite(
             nonfinite_steps=_numerics.zero_count(),
             consecutive_nonfinite=_numerics.zero_count(),
             applied_nonfinite_steps=_numerics.zero_count(),
+            skip_fraction=jnp.zeros([], jnp.float32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -148,17 +210,9 @@ def guard_nonfinite(
         bad = ~_tree.all_finite(updates)
         if loss is not None:
             bad = bad | ~jnp.isfinite(loss)
-        consecutive = jnp.where(
-            bad,
-            optax.safe_increment(state.consecutive_nonfinite),
-            jnp.zeros_like(state.consecutive_nonfinite),
+        skip, forced, consecutive = _bounded_run(
+            bad, state.consecutive_nonfinite, max_consecutive
         )
-        if max_consecutive is None:
-            forced = jnp.zeros([], bool)
-        else:
-            limit = _numerics.as_stat(max_consecutive)
-            forced = bad & (consecutive.astype(jnp.float32) > limit)
-        skip = bad & ~forced
         out, inner_state = inner.update(
             updates, state.inner_state, params, **extra_args
         )
@@ -169,6 +223,7 @@ def guard_nonfinite(
             applied_nonfinite_steps=_numerics.increment_if(
                 forced, state.applied_nonfinite_steps
             ),
+            skip_fraction=_skip_fraction(state.skip_fraction, skip),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -180,15 +235,24 @@ class SpikeGuardState(NamedTuple):
 
     Attributes:
         inner_state: State of the wrapped transformation.
-        spike_steps: Steps that acted (z-score spikes and non-finite steps);
-            int32 scalar, saturating.
+        spike_steps: Steps acted on (skipped, rescaled or reset): spikes and
+            non-finite steps; int32 scalar, saturating. With ``action="skip"``
+            these are exactly the skipped steps.
         nonfinite_steps: Steps with a NaN or Inf in the gradients or the loss
             (also counted in ``spike_steps``); int32 scalar, saturating.
-        consecutive_spikes: Spikes in a row up to now, 0 after an accepted
-            step; int32 scalar, saturating. A value that keeps growing means
-            the loss or norm moved to a new level that every step now exceeds.
-        accepted_steps: Steps whose values entered the histories (finite and
-            not spikes); int32 scalar, saturating.
+        consecutive_spikes: Steps acted on in a row up to now, 0 after a step
+            that is applied unchanged; int32 scalar, saturating. Only
+            non-finite steps can take it above ``max_consecutive``.
+        accepted_steps: Steps applied unchanged (not acted on), spikes applied
+            because of ``max_consecutive`` included; int32 scalar, saturating.
+            ``accepted_steps + spike_steps`` is the number of updates.
+        applied_spike_steps: Spikes applied unchanged because
+            ``max_consecutive`` steps in a row had been acted on; int32
+            scalar, saturating.
+        skip_fraction: EMA (decay ``SKIP_FRACTION_DECAY`` = 0.99, about the
+            last 100 steps; starts at 0) of 1.0 for a skipped step (zero
+            update) and 0.0 otherwise; float32 scalar.
+            :func:`optax_stab.health_report` turns it into ``guard_stalled``.
         loss_z: z-score of the last loss against the loss history; float32
             scalar, 0 during warm-up or when no loss is passed, NaN or Inf
             for a non-finite loss.
@@ -196,9 +260,10 @@ class SpikeGuardState(NamedTuple):
             history; float32 scalar, 0 during warm-up, NaN or Inf for
             non-finite gradients.
         loss_history: :class:`optax_stab._ring.RingBuffer` of the last
-            ``window`` accepted losses (float32 scalars).
+            ``window`` finite losses (float32 scalars); the first spike of a
+            run is clipped to the threshold, later ones are kept as they are.
         norm_history: :class:`optax_stab._ring.RingBuffer` of the last
-            ``window`` accepted global gradient norms (float32 scalars).
+            ``window`` finite global gradient norms, like ``loss_history``.
     """
 
     inner_state: Any
@@ -206,18 +271,22 @@ class SpikeGuardState(NamedTuple):
     nonfinite_steps: jax.Array
     consecutive_spikes: jax.Array
     accepted_steps: jax.Array
+    applied_spike_steps: jax.Array
+    skip_fraction: jax.Array
     loss_z: jax.Array
     norm_z: jax.Array
     loss_history: _ring.RingBuffer
     norm_history: _ring.RingBuffer
 
 
-def _history_z(ring, x, ready):
-    """z-score of ``x`` against a scalar ring and the value at ``z_threshold``."""
+def _history_test(ring, x, ready, z_threshold, min_relative):
+    """z-score of ``x`` against a scalar ring, spike flag and threshold value."""
     mean, std = _ring.masked_mean_std(ring)
+    sigma = _numerics.floored_std(mean, std)
     active = ready & (ring.filled >= 2)
-    z = jnp.where(active, _numerics.zscore(x, mean, std), jnp.zeros_like(x))
-    return z, active, mean, _numerics.floored_std(mean, std)
+    z = jnp.where(active, (x - mean) / sigma, jnp.zeros_like(x))
+    limit = mean + jnp.maximum(z_threshold * sigma, min_relative * jnp.abs(mean))
+    return z, active & (x > limit), limit
 
 
 def spike_guard(
@@ -225,64 +294,100 @@ def spike_guard(
     *,
     window: int = 128,
     z_threshold: jax.typing.ArrayLike = 6.0,
+    min_relative: jax.typing.ArrayLike = 0.1,
     warmup_steps: jax.typing.ArrayLike = 20,
     action: str = "skip",
     watch: str = "both",
-    max_consecutive: jax.typing.ArrayLike | None = None,
+    max_consecutive: jax.typing.ArrayLike | None = SPIKE_MAX_CONSECUTIVE,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips, rescales or resets on loss or gradient-norm spikes (and NaN/Inf).
 
     The guard keeps rolling histories (ring buffers of ``window`` float32
-    scalars) of the accepted losses and global gradient norms. With
-    :math:`\mu, \sigma` the mean and population standard deviation of the
-    history (the current step excluded; :math:`\sigma` floored at
-    :math:`10^{-3}|\mu|` so a constant history does not flag rounding noise),
-    a value :math:`x_t` is a spike when
+    scalars) of the finite losses and global gradient norms of the last
+    ``window`` steps. With :math:`\mu, \sigma` the mean and population
+    standard deviation of a history (the current step excluded;
+    :math:`\sigma` floored at :math:`10^{-3}|\mu|`), a value :math:`x_t` is a
+    spike when it exceeds the threshold
 
     .. math::
-        z_t = (x_t - \mu) / \sigma > z_{\mathrm{threshold}},
+        \mu + \max(z_{\mathrm{threshold}}\,\sigma,\;
+        \mathrm{min\_relative}\,|\mu|),
 
-    tested once ``warmup_steps`` steps were accepted and the history holds
-    at least 2 values. Only upward spikes count. ``watch`` selects the
-    watched values: ``"both"``, ``"loss"`` or ``"grad_norm"``; the loss is
-    watched only when ``loss=`` is passed (without it, ``watch="loss"``
-    acts only on non-finite gradients). A step whose gradients or loss hold a
-    NaN or an Inf (or whose float32 norm overflows) always acts, whatever
-    ``watch``, and is counted in ``nonfinite_steps`` too.
+    i.e. when its z-score :math:`(x_t - \mu)/\sigma` is above ``z_threshold``
+    *and* it is more than ``min_relative`` (10%) above the mean. Spikes are
+    tested once ``warmup_steps`` steps were accepted and the history holds at
+    least 2 values. Only upward spikes count. ``watch`` selects the watched
+    values: ``"both"``, ``"loss"`` or ``"grad_norm"``; the loss is watched
+    only when ``loss=`` is passed (without it, ``watch="loss"`` acts only on
+    non-finite gradients). A step whose gradients or loss hold a NaN or an
+    Inf (or whose float32 norm overflows) always acts, whatever ``watch``, is
+    always skipped, whatever ``action``, and is counted in
+    ``nonfinite_steps`` too; non-finite values never reach ``inner_state``
+    or the histories.
 
     On a spike, ``action`` decides:
 
     * ``"skip"``: zero update (gradients' dtype), ``inner_state`` bit for bit
       unchanged;
     * ``"rescale"``: the gradients are scaled so that their norm equals the
-      threshold :math:`\mu_n + z_{\mathrm{threshold}}\,\sigma_n` of the norm
-      history, then ``inner`` runs on them (a spike of the loss alone whose
-      norm is already below the threshold passes unchanged);
+      norm history's threshold, then ``inner`` runs on them (a spike of the
+      loss alone whose norm is already below it passes unchanged);
     * ``"reset"``: ``inner_state`` is replaced by ``inner.init(params)`` (the
       updates stand in for ``params`` when it is ``None``), then ``inner``
       runs on the gradients.
 
-    Non-finite steps are always skipped, whatever ``action``. Neither spikes
-    nor non-finite values enter the histories, so one spike never inflates the
-    threshold for the next. Every acting step is counted in ``spike_steps``.
-    The inner update is always computed and selected arithmetically (no
-    ``lax.cond``, no host sync). Extra arguments are forwarded to ``inner``.
-    Memory: ``2 x window`` float32 scalars besides ``inner_state``.
+    **Bound.** At most ``max_consecutive`` (default 8) steps in a row are
+    acted on: a finite spike that follows ``max_consecutive`` acted-on steps
+    in a row is applied unchanged (counted in ``applied_spike_steps`` and
+    ``accepted_steps``), which ends the run. So with ``action="skip"`` no
+    more than ``max_consecutive`` finite steps in a row are skipped; only
+    non-finite steps can make a run longer. :func:`guard_nonfinite` gives
+    ``max_consecutive`` the same meaning.
+
+    **Histories.** Spikes enter the histories too, as in OLMo-core's
+    ``SkipStepOptimizer``, Levanter's ``SkipStepConfig`` and MaxText's
+    ``skip_step_on_spikes``: a loss or norm that moves to a new level for
+    good (a loss that rises after an instability, a new data mix) must
+    become the new normal, or every later step is a spike and training
+    freezes. The first spike of a run enters clipped to the threshold, so an
+    isolated outlier (a corrupted batch) does not inflate :math:`\sigma` and
+    hide the next one; the later spikes of the run enter as they are. Against
+    a full history holding :math:`k` values at a new level, a value at that
+    level has the z-score :math:`\approx\sqrt{(\mathrm{window} - k)/k}`, so a
+    lasting level shift is accepted after
+    :math:`1 + \lceil \mathrm{window} / (1 + z_{\mathrm{threshold}}^2) \rceil`
+    skipped steps (5 with the defaults), before the bound; the bound covers
+    values that keep growing (``"rescale"`` or ``"reset"`` on a diverging
+    run) and long windows. ``min_relative`` keeps a smooth, low-noise loss
+    from turning a rise of a few percent into a large z-score (the z-test
+    alone flags a rise of 0.6% over a constant history). The defaults were
+    checked on a 10-layer ReLU MLP trained with Adam at unstable learning
+    rates (``examples/guard_freeze.py``): every step with z > 6 there was
+    more than 2.6 times the mean, so ``min_relative`` changes nothing, and
+    with no bound the longest run of skipped steps was 7, so the bound of 8
+    does not cut detection short.
+
+    Every acting step is counted in ``spike_steps``. The inner update is
+    always computed and selected arithmetically (no ``lax.cond``, no host
+    sync). Extra arguments are forwarded to ``inner``. Memory:
+    ``2 x window`` float32 scalars besides ``inner_state``.
 
     Args:
         inner: The transformation to guard.
         window: Length of the histories; a static int >= 2 (list it in
             ``static_args`` of ``optax.inject_hyperparams``).
-        z_threshold: z-score above which a step is a spike; > 0.
+        z_threshold: z-score above which a step can be a spike; > 0.
+        min_relative: Relative rise over the mean below which a step is never
+            a spike; >= 0 (0 leaves the z-score alone).
         warmup_steps: Accepted steps before spikes are tested; an integer >= 0.
         action: ``"skip"``, ``"rescale"`` or ``"reset"``.
         watch: ``"both"``, ``"loss"`` or ``"grad_norm"``.
-        max_consecutive: If given, an integer >= 1: the finite spike that
-            follows ``max_consecutive`` acted-on spikes in a row is accepted:
-            applied like a normal step and written into the histories, so a
-            lasting level shift becomes the new normal instead of stalling
-            training. It still counts in ``spike_steps``. ``None`` (default):
-            spikes are never accepted. Non-finite steps always act.
+        max_consecutive: Most steps in a row acted on, an integer >= 0 (0
+            only counts spikes); default 8. ``None`` acts on every spike,
+            however many in a row: a value that stays above the threshold can
+            then keep skipping (or resetting) forever, freezing training; use
+            it only with a window and threshold where a level shift is
+            absorbed, and watch ``consecutive_spikes`` or ``guard_stalled``.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -311,31 +416,32 @@ def spike_guard(
         Groeneveld et al., `OLMo: Accelerating the Science of Language Models
         <https://arxiv.org/abs/2402.00838>`_, 2024 (OLMo-core's skip step).
 
-    .. note:: With ``max_consecutive=None`` a lasting upward level shift
-       (every later step a spike) is never accepted into the histories: watch
-       ``consecutive_spikes``, or set ``max_consecutive``.
-
     .. seealso:: :func:`guard_nonfinite`, :func:`optax_stab.zscore_clip`.
     """
     _validate.check_int("window", window, low=2)
     _validate.check_interval("z_threshold", z_threshold, low=0.0)
+    _validate.check_interval("min_relative", min_relative, low=0.0, low_closed=True)
     _validate.check_count("warmup_steps", warmup_steps, low=0)
     _validate.check_choice("action", action, _ACTIONS)
     _validate.check_choice("watch", watch, _WATCH)
     if max_consecutive is not None:
-        _validate.check_count("max_consecutive", max_consecutive, low=1)
+        _validate.check_count("max_consecutive", max_consecutive, low=0)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        zero = jnp.zeros([], jnp.float32)
+        def zero():  # a fresh buffer per field, so the state can be donated
+            return jnp.zeros([], jnp.float32)
+
         return SpikeGuardState(
             inner_state=inner.init(params),
             spike_steps=_numerics.zero_count(),
             nonfinite_steps=_numerics.zero_count(),
             consecutive_spikes=_numerics.zero_count(),
             accepted_steps=_numerics.zero_count(),
-            loss_z=zero,
-            norm_z=zero,
+            applied_spike_steps=_numerics.zero_count(),
+            skip_fraction=zero(),
+            loss_z=zero(),
+            norm_z=zero(),
             loss_history=_ring.init_scalar(window),
             norm_history=_ring.init_scalar(window),
         )
@@ -343,39 +449,38 @@ def spike_guard(
     def update_fn(updates, state, params=None, **extra_args):
         loss = _loss_of(extra_args)
         thr = _numerics.as_stat(z_threshold)
+        rel = _numerics.as_stat(min_relative)
         ready = state.accepted_steps.astype(jnp.float32) >= _numerics.as_stat(
             warmup_steps
         )
-        norm = _tree.global_norm(updates)
-        norm_z, norm_on, mu, sigma = _history_z(state.norm_history, norm, ready)
+        norm = _tree.global_norm(updates).astype(jnp.float32)
+        norm_z, norm_spike, norm_limit = _history_test(
+            state.norm_history, norm, ready, thr, rel
+        )
         nonfinite = ~jnp.isfinite(norm)
         spike = jnp.zeros([], bool)
         if watch in ("both", "grad_norm"):
-            spike = norm_on & (norm_z > thr)
+            spike = norm_spike
         loss_z = jnp.zeros([], jnp.float32)
         if loss is not None:
             nonfinite = nonfinite | ~jnp.isfinite(loss)
-            loss_z, loss_on, _, _ = _history_z(state.loss_history, loss, ready)
+            loss_z, loss_spike, loss_limit = _history_test(
+                state.loss_history, loss, ready, thr, rel
+            )
             if watch in ("both", "loss"):
-                spike = spike | (loss_on & (loss_z > thr))
-        spike = spike | nonfinite
-        consecutive = jnp.where(
-            spike,
-            optax.safe_increment(state.consecutive_spikes),
-            jnp.zeros_like(state.consecutive_spikes),
+                spike = spike | loss_spike
+        acting, forced, consecutive = _bounded_run(
+            spike & ~nonfinite,
+            state.consecutive_spikes,
+            max_consecutive,
+            always=nonfinite,
         )
-        acting = spike
-        if max_consecutive is not None:
-            limit = _numerics.as_stat(max_consecutive)
-            forced = spike & ~nonfinite & (consecutive.astype(jnp.float32) > limit)
-            acting = spike & ~forced
-            consecutive = jnp.where(forced, jnp.zeros_like(consecutive), consecutive)
 
         grads, inner_state = updates, state.inner_state
-        skip = nonfinite if action != "skip" else acting
+        skip = acting if action == "skip" else nonfinite
         act = acting & ~nonfinite
         if action == "rescale":
-            limit = jnp.where(act, mu + thr * sigma, jnp.inf)
+            limit = jnp.where(act, norm_limit, jnp.inf)
             grads, _ = _tree.clip_to_norm(updates, norm, limit)
         elif action == "reset":
             fresh = inner.init(updates if params is None else params)
@@ -384,20 +489,29 @@ def spike_guard(
             )
         out, new_inner = inner.update(grads, inner_state, params, **extra_args)
 
-        accepted = ~acting
+        # The first spike of a run enters the histories clipped to the
+        # threshold, later ones as they are ("Histories" in the docstring).
+        finite = ~nonfinite
+        first = act & (state.consecutive_spikes == 0)
+        norm_in = jnp.where(first, jnp.minimum(norm, norm_limit), norm)
         loss_history = state.loss_history
         if loss is not None:
-            loss_history = _ring.push(loss_history, loss, where=accepted)
+            loss_in = jnp.where(first, jnp.minimum(loss, loss_limit), loss)
+            loss_history = _ring.push(loss_history, loss_in, where=finite)
         return _zero_where(skip, out), SpikeGuardState(
             inner_state=_tree.select(skip, state.inner_state, new_inner),
-            spike_steps=_numerics.increment_if(spike, state.spike_steps),
+            spike_steps=_numerics.increment_if(acting, state.spike_steps),
             nonfinite_steps=_numerics.increment_if(nonfinite, state.nonfinite_steps),
             consecutive_spikes=consecutive,
-            accepted_steps=_numerics.increment_if(accepted, state.accepted_steps),
+            accepted_steps=_numerics.increment_if(~acting, state.accepted_steps),
+            applied_spike_steps=_numerics.increment_if(
+                forced, state.applied_spike_steps
+            ),
+            skip_fraction=_skip_fraction(state.skip_fraction, skip),
             loss_z=loss_z.astype(jnp.float32),
             norm_z=norm_z.astype(jnp.float32),
             loss_history=loss_history,
-            norm_history=_ring.push(state.norm_history, norm, where=accepted),
+            norm_history=_ring.push(state.norm_history, norm_in, where=finite),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -134,6 +134,47 @@ class HealthReportTest(parameterized.TestCase):
             optax_stab.health_report(state, vanishing_ratio=2.0)
         with self.assertRaisesRegex(ValueError, "`exploding_z`.*got"):
             optax_stab.health_report(state, exploding_z=0.0)
+        with self.assertRaisesRegex(ValueError, "`stalled_fraction`.*got"):
+            optax_stab.health_report(state, stalled_fraction=1.5)
+
+    @parameterized.named_parameters(
+        # After n skipped steps from the start, skip_fraction = 1 - 0.99**n:
+        # 0.453 after 60, 0.553 after 80 (above the default 0.5).
+        ("nonfinite_60", "nonfinite", 60, 0.0),
+        ("nonfinite_80", "nonfinite", 80, 1.0),
+        ("spike_60", "spike", 60, 0.0),
+        ("spike_80", "spike", 80, 1.0),
+    )
+    def test_guard_stalled_when_most_recent_steps_were_skipped(
+        self, guard, skipped, stalled
+    ):
+        if guard == "nonfinite":
+            tx = optax_stab.guard_nonfinite(optax.sgd(0.1))
+        else:
+            tx = optax_stab.spike_guard(optax.sgd(0.1), warmup_steps=0)
+        params = _grads(0.0, 0.0)
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        for _ in range(20):
+            _, state = update(_grads(1.0, 1.0), state, params, loss=1.0)
+        report = optax_stab.health_report(state)
+        self.assertEqual(report["guard_stalled"], 0.0)
+        self.assertEqual(report["skip_fraction"], 0.0)
+        for _ in range(skipped):  # a NaN loss: skipped by both guards, for good
+            _, state = update(_grads(1.0, 1.0), state, params, loss=NAN)
+        report = optax_stab.health_report(state)
+        np.testing.assert_allclose(
+            report["skip_fraction"], 1 - 0.99**skipped, rtol=1e-4
+        )
+        self.assertEqual(report["guard_stalled"], stalled)
+        self.assertEqual(
+            optax_stab.health_report(state, stalled_fraction=0.4)["guard_stalled"],
+            1.0,
+        )
+        # Training resumes: the fraction decays, the flag clears.
+        for _ in range(100):
+            _, state = update(_grads(1.0, 1.0), state, params, loss=1.0)
+        self.assertEqual(optax_stab.health_report(state)["guard_stalled"], 0.0)
 
 
 # ------------------------------------------------------------------ containers
