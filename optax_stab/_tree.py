@@ -124,11 +124,6 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.isfinite(materialised(max_abs(tree)))
 
 
-def scale(tree: Any, factor: jax.Array) -> Any:
-    """Multiplies every leaf by a scalar, keeping each leaf's dtype."""
-    return jax.tree.map(lambda x: x * factor.astype(x.dtype), tree)
-
-
 def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     """Leaf-wise ``jnp.where(pred, a, b)`` of two pytrees of equal structure."""
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
