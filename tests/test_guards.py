@@ -672,3 +672,4 @@ def test_guard_freeze_example_quick():
     total = out["spike_steps"] + out["accepted_steps"]
     np.testing.assert_array_equal(total, 120)
     assert np.all(np.isfinite(out["guarded_test_loss"]))
+    assert np.all(np.isfinite(out["control_test_loss"]))
