@@ -17,7 +17,8 @@ extension rewrites every docstring of it:
 * ```text <url>`_`` -> ``[text](url)`` and ````code```` -> ```code```;
 * ``.. note::``, ``.. seealso::``, ``.. warning::``, ``.. versionadded::`` and
   ``.. versionchanged::`` -> Markdown admonitions;
-* a paragraph ending in ``::`` (an rST literal block follows) -> ``:``.
+* a paragraph ending in ``::`` (an rST literal block follows) -> ``:`` (or
+  nothing after a space); the indented block is already Markdown code.
 
 Unknown roles and directives are left as they are, so ``tests/test_docs.py``
 (which asserts that none remains in a public docstring) names them.
@@ -36,7 +37,7 @@ _MATH_ROLE = re.compile(r":math:`([^`]*)`")
 _XREF_ROLE = re.compile(rf":(?:py:)?(?:{_XREF_ROLES}):`(~?)([^`]+)`")
 _LINK = re.compile(r"`([^`<]+?)\s*<([^>`\s]+)>`__?")
 _LITERAL = re.compile(r"``((?:(?!\n[ \t]*\n).)+?)``", re.DOTALL)
-_LITERAL_BLOCK = re.compile(r"(\S)( ?)::$", re.MULTILINE)
+_LITERAL_BLOCK = re.compile(r"^(?![ \t]*\.\. )(.*\S)( ?)::$", re.MULTILINE)
 _DIRECTIVE = re.compile(r"^(?P<indent>[ \t]*)\.\. (?P<name>[\w-]+)::[ \t]*(?P<arg>.*)$")
 _ADMONITIONS = {
     "note": ("note", "Note"),
@@ -94,7 +95,7 @@ def _inline(
     text = _XREF_ROLE.sub(xref, text)
     text = _LINK.sub(link, text)
     text = _LITERAL.sub(lambda m: _code(m[1]), text)
-    return _LITERAL_BLOCK.sub(lambda m: m[1] + ":", text)
+    return _LITERAL_BLOCK.sub(lambda m: m[1] + ("" if m[2] else ":"), text)
 
 
 def rst_to_markdown(
