@@ -202,3 +202,19 @@ def test_strict_quiet_build_fails_on_an_unresolved_cross_reference(tmp_path):
     done = _build(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert done.returncode != 0
     assert "optax_stab.nope" in done.stdout + done.stderr
+
+
+def test_scaling_tables_match_the_library():
+    # docs/scaling.md's tables are generated from jax.eval_shape of every
+    # transform's init; a changed state size must regenerate them.
+    spec = importlib.util.spec_from_file_location(
+        "scaling_table_under_test", ROOT / "docs" / "scaling_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run: python docs/scaling_table.py --write"
+    table = module.SCALING_MD.read_text()
+    # Closed forms of two rows: adamw keeps mu and nu (2 x 4 B per float32
+    # param); windowed_median(5) keeps 5 slots of each param.
+    assert "| `optax.adamw(1e-3)` | baseline | 8 | 4 | 0 | 4 |" in table
+    assert "| `windowed_median(5)` | W = 5 | 20 | 10 | 0 | 8 |" in table
