@@ -82,10 +82,9 @@ def sign_sqrt_amplification(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sign-sqrt threshold amplification :math:`\mathrm{sign}(g)\sqrt{\gamma |g|}`.
 
-    The reading of the seed's threshold method used here: element-wise,
-    magnitudes below :math:`\gamma` are amplified and magnitudes above it
-    shrunk (:math:`|g| = \gamma` is fixed), so vanishing gradients in early
-    layers are lifted and exploding ones damped; it halves the spread of
+    Element-wise, magnitudes below :math:`\gamma` are amplified and magnitudes
+    above it shrunk (:math:`|g| = \gamma` is fixed), so vanishing gradients in
+    early layers are lifted and exploding ones damped; it halves the spread of
     log-magnitudes. Equal to ``sign_power(0.5, threshold)``: exactly 0 at 0
     with a finite derivative there; NaN and Inf pass unchanged. Stateless.
 
@@ -107,7 +106,7 @@ def sign_sqrt_amplification(
         >>> print(u)  # -0.1 * sign(g) * sqrt(|g|)
         [-0.01  0.2 ]
 
-        The seed's comparison with gradient accumulation is
+        To compare it with gradient accumulation, use
         ``optax.MultiSteps(tx, every_k_schedule=k)``, which chains with it.
 
     .. seealso:: :func:`sign_power`.

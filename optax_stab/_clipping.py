@@ -80,8 +80,8 @@ def clip_by_norm(
         >>> print(u["a"], u["b"], state.pre_clip_norm)
         [0.6 0. ] [0.8] 5.0
 
-        The seeds' value clipping :math:`\mathrm{clip}(g, -\epsilon, \epsilon)`
-        is ``optax.clip(eps)`` and AGC is ``optax.adaptive_grad_clip``; both
+        Value clipping :math:`\mathrm{clip}(g, -\epsilon, \epsilon)` is
+        ``optax.clip(eps)`` and AGC is ``optax.adaptive_grad_clip``; both
         chain with this one:
 
         >>> import optax

@@ -1,7 +1,8 @@
 """``windowed_median``: a pruned compare-exchange selection network over a ring.
 
-``jnp.median`` sorts a ``(W, ...)`` buffer: it is 90-160x slower than the
-network below and needs a temporary as large as the buffer. The network is
+``jnp.median`` sorts a ``(W, ...)`` buffer: it is two orders of magnitude
+slower than the network below (docs/benchmarks.md, "Median", has the measured
+ratios) and needs a temporary as large as the buffer. The network is
 Batcher's odd-even merge sort for ``W`` wires, pruned backwards to the
 comparators that feed the two middle output wires, each comparator reduced to
 the ``min`` or ``max`` that is actually read. It is one elementwise fusion of

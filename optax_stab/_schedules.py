@@ -1,4 +1,4 @@
-"""Learning-rate schedules the seeds ask for that optax lacks."""
+"""Learning-rate schedules for stable training that optax lacks."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ def inverse_sqrt_decay(
     alpha: jax.typing.ArrayLike,
     total_steps: jax.typing.ArrayLike,
 ) -> optax.Schedule:
-    r"""The seeds' dynamic learning rate :math:`\eta_0 / \sqrt{1 + \alpha t / T}`.
+    r"""Inverse-sqrt learning-rate decay :math:`\eta_0 / \sqrt{1 + \alpha t / T}`.
 
     At step :math:`t` (the optimizer's count, from 0) the value is
     :math:`\eta_0 / \sqrt{1 + \alpha\, t / T}`: :math:`\eta_0` at the start,
     :math:`\eta_0 / \sqrt{1 + \alpha}` at :math:`t = T`, and it keeps decaying
-    (as :math:`1/\sqrt{t}`) after :math:`T`. The seeds' other schedule, linear
-    decay :math:`\eta_0 (1 - t / T)`, is ``optax.linear_schedule(eta0, 0.0, T)``.
+    (as :math:`1/\sqrt{t}`) after :math:`T`. For a linear decay
+    :math:`\eta_0 (1 - t / T)` instead, use ``optax.linear_schedule(eta0, 0.0, T)``.
 
     Args:
         init_value: :math:`\eta_0`, a finite real.
