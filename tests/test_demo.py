@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import optax_stab
@@ -183,3 +185,38 @@ def test_learning_rate_flag_accepts_one_number_or_per_task_values():
     plan = demo_cli.resolve(parser.parse_args(["--lr", "adding=0.3,linear=0.2"]))
     assert plan["lrs"] == {"adding": 0.3, "linear": 0.2}
     assert plan["seeds"] == demo_cli.DEFAULT_SEEDS and plan["steps"] is None
+
+
+def test_each_chain_description_is_the_code_that_builds_it():
+    # The printed chain, evaluated as Python with the task's base optimizer at
+    # the same learning rate, gives the same updates as the built chain.
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    lr = 0.1
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
+    grads = [
+        {"w": jnp.full((2, 3), 0.5), "b": jnp.arange(3.0)},
+        {"w": jnp.full((2, 3), -2.0), "b": jnp.ones(3)},
+    ]
+    for task_name in tasks.TASK_NAMES:
+        task = tasks.get_task(task_name)
+        namespace = {n: getattr(optax_stab, n) for n in optax_stab.__all__}
+        namespace |= {"optax": optax, "chain": optax.chain}
+        base = task.optimizer.split("(")[0]  # "sgd" or "sgd(momentum=0.9)"
+        if base == task.optimizer:
+            namespace[base] = task.make_optimizer(lr)
+        else:
+            namespace[base] = functools.partial(getattr(optax, base), lr)
+        for chain in chains_lib.CHAINS:
+            printed = eval(chain.describe(task), namespace)
+            built = chain.build(task, lr)
+            states = [tx.init(params) for tx in (printed, built)]
+            for g in grads:
+                out = []
+                for i, tx in enumerate((printed, built)):
+                    u, states[i] = tx.update(g, states[i], params, loss=jnp.float32(1))
+                    out.append(u)
+                for a, b in zip(*(jax.tree.leaves(u) for u in out)):
+                    np.testing.assert_array_equal(a, b, err_msg=chain.name)

@@ -23,7 +23,6 @@ The recommended combination is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import optax
 
@@ -31,128 +30,134 @@ import optax_stab
 from optax_stab.demo import tasks as tasks_lib
 
 
-def _get(name: str) -> Callable[..., optax.GradientTransformation]:
-    return getattr(optax_stab, name)
+@dataclasses.dataclass(frozen=True)
+class TaskValue:
+    """A hyperparameter that each task sets, e.g. its clip norm.
+
+    Attributes:
+        attr: Attribute of :class:`optax_stab.demo.tasks.Task`.
+    """
+
+    attr: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A factory call kept as data, so one spec both builds and prints it.
+
+    Attributes:
+        name: Attribute of ``optax_stab``, or of ``optax`` when prefixed
+            ``optax.``.
+        args: Positional arguments (:class:`TaskValue` ones are looked up on
+            the task).
+        kwargs: Keyword arguments as ``(key, value)`` pairs, in print order.
+    """
+
+    name: str
+    args: tuple = ()
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+    def resolve(self, task: tasks_lib.Task) -> Call:
+        """This call with every :class:`TaskValue` replaced by ``task``'s value."""
+
+        def value(v):
+            return getattr(task, v.attr) if isinstance(v, TaskValue) else v
+
+        return Call(
+            self.name,
+            tuple(value(a) for a in self.args),
+            tuple((k, value(v)) for k, v in self.kwargs),
+        )
+
+    def render(self, *inner: str) -> str:
+        """The call as code; ``inner`` are leading arguments already rendered."""
+        args = [*inner, *(_fmt(a) for a in self.args)]
+        args += [f"{k}={_fmt(v)}" for k, v in self.kwargs]
+        return f"{self.name}({', '.join(args)})"
+
+    def build(self, *inner: optax.GradientTransformation):
+        """Calls the factory, looked up now; ``inner`` are leading arguments."""
+        if self.name.startswith("optax."):
+            factory = getattr(optax, self.name.removeprefix("optax."))
+        else:
+            factory = getattr(optax_stab, self.name)
+        return factory(*inner, *self.args, **dict(self.kwargs))
+
+
+def _fmt(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
+def _call(name: str, *args, **kwargs) -> Call:
+    return Call(name, args, tuple(kwargs.items()))
 
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-    """One compared optimizer chain.
+    """One compared optimizer chain: ``guard(chain(pre, base))``.
+
+    Its description and its transform come from the same :class:`Call` specs,
+    so the printed chain is the built one.
 
     Attributes:
         name: Command-line name.
-        needs: ``optax_stab`` attributes the chain uses.
-        describe: ``task -> str``: the chain as code, with its hyperparameters.
-        wrap: ``(task, base) -> transform`` around the task's base optimizer.
+        pre: Stabiliser chained in front of the task's base optimizer, or
+            ``None``.
+        guard: Guard wrapping the result (its first argument), or ``None``.
     """
 
     name: str
-    needs: tuple[str, ...]
-    describe: Callable[[tasks_lib.Task], str]
-    wrap: Callable[
-        [tasks_lib.Task, optax.GradientTransformation], optax.GradientTransformation
-    ]
+    pre: Call | None = None
+    guard: Call | None = None
+
+    def _calls(self, task: tasks_lib.Task) -> tuple[Call | None, Call | None]:
+        return tuple(c.resolve(task) if c else None for c in (self.pre, self.guard))
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """``optax_stab`` attributes the chain uses."""
+        calls = (self.pre, self.guard)
+        return tuple(c.name for c in calls if c and not c.name.startswith("optax."))
 
     def available(self) -> bool:
         """Whether the installed ``optax_stab`` provides every name in ``needs``."""
         return all(hasattr(optax_stab, n) for n in self.needs)
 
+    def describe(self, task: tasks_lib.Task) -> str:
+        """The chain as code, with its hyperparameters."""
+        pre, guard = self._calls(task)
+        text = task.optimizer
+        if pre is not None:
+            text = f"chain({pre.render()}, {text})"
+        return guard.render(text) if guard is not None else text
+
     def build(self, task: tasks_lib.Task, lr: float) -> optax.GradientTransformation:
         """The chain around ``task``'s base optimizer at learning rate ``lr``."""
-        return self.wrap(task, task.make_optimizer(lr))
+        pre, guard = self._calls(task)
+        tx = task.make_optimizer(lr)
+        if pre is not None:
+            tx = optax.chain(pre.build(), tx)
+        return guard.build(tx) if guard is not None else tx
 
 
-def _pre(expr: Callable[[tasks_lib.Task], str], make) -> tuple:
-    """A stabiliser in front of the base optimizer: ``chain(stab, base)``."""
-    return (
-        lambda t: f"chain({expr(t)}, {t.optimizer})",
-        lambda t, base: optax.chain(make(t), base),
-    )
-
-
-def _chain(name, needs, describe_and_wrap) -> Chain:
-    describe, wrap = describe_and_wrap
-    return Chain(name, needs, describe, wrap)
-
+CLIP_NORM = TaskValue("clip_norm")
+SIGN_THRESHOLD = TaskValue("sign_threshold")
 
 CHAINS: tuple[Chain, ...] = (
-    _chain("plain", (), (lambda t: t.optimizer, lambda t, base: base)),
-    _chain(
-        "clip_global_norm",
-        (),
-        _pre(
-            lambda t: f"optax.clip_by_global_norm({t.clip_norm:g})",
-            lambda t: optax.clip_by_global_norm(t.clip_norm),
-        ),
-    ),
-    _chain(
-        "ema_smoothing",
-        ("ema_smoothing",),
-        _pre(lambda t: "ema_smoothing(0.9)", lambda t: _get("ema_smoothing")(0.9)),
-    ),
-    _chain(
-        "windowed_median",
-        ("windowed_median",),
-        _pre(lambda t: "windowed_median(5)", lambda t: _get("windowed_median")(5)),
-    ),
-    _chain(
-        "clip_by_norm",
-        ("clip_by_norm",),
-        _pre(
-            lambda t: f"clip_by_norm({t.clip_norm:g}, scope='leaf')",
-            lambda t: _get("clip_by_norm")(t.clip_norm, scope="leaf"),
-        ),
-    ),
-    _chain(
-        "zscore_clip",
-        ("zscore_clip",),
-        _pre(lambda t: "zscore_clip()", lambda t: _get("zscore_clip")()),
-    ),
-    _chain(
-        "autoclip",
-        ("autoclip",),
-        _pre(
-            lambda t: "autoclip(10.0, history=1000)",
-            lambda t: _get("autoclip")(10.0, history=1000),
-        ),
-    ),
-    _chain(
-        "sign_sqrt",
-        ("sign_sqrt_amplification",),
-        _pre(
-            lambda t: f"sign_sqrt_amplification({t.sign_threshold:g})",
-            lambda t: _get("sign_sqrt_amplification")(t.sign_threshold),
-        ),
-    ),
-    _chain(
-        "spike_guard",
-        ("spike_guard",),
-        (
-            lambda t: f"spike_guard({t.optimizer})",
-            lambda t, base: _get("spike_guard")(base),
-        ),
-    ),
-    _chain(
-        "guard_nonfinite",
-        ("guard_nonfinite",),
-        (
-            lambda t: f"guard_nonfinite({t.optimizer})",
-            lambda t, base: _get("guard_nonfinite")(base),
-        ),
-    ),
-    _chain(
+    Chain("plain"),
+    Chain("clip_global_norm", pre=_call("optax.clip_by_global_norm", CLIP_NORM)),
+    Chain("ema_smoothing", pre=_call("ema_smoothing", 0.9)),
+    Chain("windowed_median", pre=_call("windowed_median", 5)),
+    Chain("clip_by_norm", pre=_call("clip_by_norm", CLIP_NORM, scope="leaf")),
+    Chain("zscore_clip", pre=_call("zscore_clip")),
+    Chain("autoclip", pre=_call("autoclip", 10.0, history=1000)),
+    Chain("sign_sqrt", pre=_call("sign_sqrt_amplification", SIGN_THRESHOLD)),
+    Chain("spike_guard", guard=_call("spike_guard")),
+    Chain("guard_nonfinite", guard=_call("guard_nonfinite")),
+    Chain(
         "recommended",
-        ("spike_guard", "zscore_clip"),
-        (
-            lambda t: (
-                f"spike_guard(chain(zscore_clip(max_norm={t.clip_norm:g}), "
-                f"{t.optimizer}))"
-            ),
-            lambda t, base: _get("spike_guard")(
-                optax.chain(_get("zscore_clip")(max_norm=t.clip_norm), base),
-                action="skip",
-            ),
-        ),
+        pre=_call("zscore_clip", max_norm=CLIP_NORM),
+        guard=_call("spike_guard", action="skip"),
     ),
 )
 

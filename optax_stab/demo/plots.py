@@ -82,7 +82,7 @@ def _curves(
         ax.fill_between(steps, q25, q75, color="C0", alpha=0.3, lw=0, label="IQR")
         ax.plot(steps, q50, color="C0", lw=1.2, label="median")
         final = run.eval_loss[c, :, -1]
-        diverged = int(np.sum(~np.isfinite(final) | (final > run.task.diverged_loss)))
+        diverged = int(np.sum(run.task.diverged(final)))
         ax.set_title(f"{run.chains[c]}  (diverged: {diverged}/{run.seeds})", fontsize=9)
         ax.set_yscale("log")
         ax.set_ylim(lo * 0.8, ceiling * 1.2)

@@ -79,7 +79,7 @@ def summarize_chain(run: runner.TaskRun, c: int) -> dict[str, Any]:
     task = run.task
     name = run.chains[c]
     final = _finite_or_inf(run.eval_loss[c, :, -1])
-    diverged = final > task.diverged_loss
+    diverged = task.diverged(final)
     with np.errstate(invalid="ignore"):
         q25, q50, q75 = np.percentile(final, [25, 50, 75])
     solved_mask = run.eval_loss[c] <= task.solved_loss  # [seeds, evals]

@@ -75,6 +75,11 @@ class Task:
         """Diverged when the final test loss is above this (or not finite)."""
         return self.diverge_factor * self.baseline
 
+    def diverged(self, final_loss: np.ndarray) -> np.ndarray:
+        """Which final test losses count as diverged (NaN/Inf or too large)."""
+        final_loss = np.asarray(final_loss, dtype=np.float64)
+        return ~np.isfinite(final_loss) | (final_loss > self.diverged_loss)
+
     @property
     def diverged_text(self) -> str:
         """How "diverged" is defined, in words."""
