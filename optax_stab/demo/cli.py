@@ -194,6 +194,29 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def make_out_dir(out: str) -> None:
+    """Creates the output folder ``out`` (and its parents) before any training.
+
+    Raises:
+        ArgumentError: If ``out`` is an existing file, lies under one, cannot be
+            created (a missing or read-only parent, a pseudo file system such as
+            ``/proc``) or is not writable, with a one-line message.
+    """
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise ArgumentError(
+            f"--out {out!r} is an existing file, not a folder"
+        ) from None
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ArgumentError(
+            f"--out {out!r}: cannot create the folder ({reason})"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--out {out!r}: the folder is not writable")
+
+
 def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains, prints the table, writes the files; returns ``results.json``'s dict."""
     import jax
@@ -294,6 +317,7 @@ def demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         plan = resolve(args)
+        make_out_dir(plan["out"])
     except ArgumentError as e:
         parser.error(str(e))
     return run(plan, argv)
