@@ -1,6 +1,6 @@
 """Speed of optax_stab transforms vs their optax twins and the streaming roofline.
 
-Run ``optax-stab bench`` (or ``python -m benchmarks`` from the repository root).
+Run ``optax-stab bench`` (or ``python -m optax_stab bench``).
 
 Every case is one jitted step with its state donated and fed back, as in a
 training loop; all are compiled and run once (untimed), then timed for R

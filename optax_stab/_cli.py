@@ -1,12 +1,21 @@
-"""The ``optax-stab`` command: subcommands ``demo`` and ``bench``."""
+"""The ``optax-stab`` command: subcommands ``demo`` and ``bench``, ``--version``.
+
+Only ``optax-stab demo`` needs the ``demo`` extra (Flax, scikit-learn,
+matplotlib, rich): ``--help``, ``--version`` and ``bench`` import none of it,
+so they work after a plain ``pip install optax_stab``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
 from optax_stab import _bench
+from optax_stab import demo as demo_lib  # the package alone imports no Flax
+
+DISTRIBUTION = "optax_stab"
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -16,38 +25,59 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> tuple[
-    argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
-]:
-    """The ``optax-stab`` parser and its subcommand parsers by name."""
-    from optax_stab.demo import cli as demo_cli
+def version() -> str:
+    """The installed distribution's version, else ``optax_stab.__version__``."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        # Run from a source tree that was never installed.
+        import optax_stab
 
+        return optax_stab.__version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``optax-stab`` parser: ``--help``, ``--version`` and the command list.
+
+    The subcommands parse their own flags (:func:`main` hands them the rest of
+    the command line), so listing ``demo`` here imports nothing of the demo.
+    """
     parser = OneLineErrorParser(
         prog="optax-stab",
         description="Optax gradient transformations that keep training stable.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=OneLineErrorParser
     )
-    demo = sub.add_parser(
+    sub.add_parser(
         "demo",
-        help="stability shoot-out of optimizer chains on real tasks (see demo --help)",
-        description=demo_cli.description(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="stability shoot-out of optimizer chains on real tasks (needs the "
+        f"demo extra: {demo_lib.INSTALL_HINT}; see demo --help)",
     )
-    demo_cli.add_arguments(demo)
-    bench = sub.add_parser(
+    sub.add_parser(
         "bench",
-        help="time the transforms vs optax and the memory-bandwidth roofline",
-        description=_bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="time the transforms vs optax and the memory-bandwidth roofline "
+        "(see bench --help)",
     )
-    _bench.add_arguments(bench)
-    return parser, {"demo": demo, "bench": bench}
+    return parser
+
+
+def _demo(argv: list[str]) -> None:
+    """``optax-stab demo ARGV``; without the demo extra, one line and exit 2."""
+    prog = "optax-stab demo"
+    missing = demo_lib.missing_requirements()
+    if missing:
+        sys.stderr.write(
+            f"{prog}: error: the demo needs {', '.join(missing)}, not installed; "
+            f"install the demo extra: {demo_lib.INSTALL_HINT}\n"
+        )
+        raise SystemExit(2)
+    demo_lib.demo(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``optax-stab`` console script.
+    """Entry point of the ``optax-stab`` console script and ``python -m optax_stab``.
 
     Args:
         argv: Arguments after the program name; ``None`` means ``sys.argv[1:]``.
@@ -57,19 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        # Parsed by the benchmark alone: it needs no demo (and no flax).
         _bench.main(argv[1:], prog="optax-stab bench")
         return 0
-    from optax_stab.demo import cli as demo_cli
-
-    parser, subparsers = build_parser()
+    if argv[:1] == ["demo"]:
+        _demo(argv[1:])
+        return 0
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 0
-    try:
-        plan = demo_cli.resolve(args)
-    except demo_cli.ArgumentError as e:
-        subparsers[args.command].error(str(e))
-    demo_cli.run(plan, argv[1:])
     return 0

@@ -2,7 +2,7 @@
 
 import sys
 
-from optax_stab.demo.cli import main
+from optax_stab import _cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli.main(["demo", *sys.argv[1:]]))

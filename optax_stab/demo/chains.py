@@ -1,9 +1,9 @@
-"""The optimizer chains the demo compares, resolved lazily from ``optax_stab``.
+"""The optimizer chains the demo compares.
 
 Each chain is "stabiliser, then the task's base optimizer", so every row of the
-results table differs from ``plain`` by exactly what its name says. Names from
-``optax_stab`` are looked up when a chain is built, not at import, so the demo
-runs with whatever transforms the installed version provides.
+results table differs from ``plain`` by exactly what its name says. A chain is
+data (:class:`Call` specs), so the code printed in the results is the code
+that built it.
 
 The recommended combination is
 ``spike_guard(chain(zscore_clip(max_norm=c), base), action="skip")``:
@@ -113,16 +113,6 @@ class Chain:
     def _calls(self, task: tasks_lib.Task) -> tuple[Call | None, Call | None]:
         return tuple(c.resolve(task) if c else None for c in (self.pre, self.guard))
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        """``optax_stab`` attributes the chain uses."""
-        calls = (self.pre, self.guard)
-        return tuple(c.name for c in calls if c and not c.name.startswith("optax."))
-
-    def available(self) -> bool:
-        """Whether the installed ``optax_stab`` provides every name in ``needs``."""
-        return all(hasattr(optax_stab, n) for n in self.needs)
-
     def describe(self, task: tasks_lib.Task) -> str:
         """The chain as code, with its hyperparameters."""
         pre, guard = self._calls(task)
@@ -173,8 +163,3 @@ def get_chain(name: str) -> Chain:
         KeyError: If ``name`` is not in :data:`CHAIN_NAMES`.
     """
     return _BY_NAME[name]
-
-
-def available_chains() -> tuple[str, ...]:
-    """Names of the chains the installed ``optax_stab`` can build."""
-    return tuple(c.name for c in CHAINS if c.available())

@@ -166,17 +166,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """
     task_names = _names(args.tasks, tasks_lib.TASK_NAMES, "tasks")
     if args.chains.strip() == "all":
-        chain_names = list(chains_lib.available_chains())
+        chain_names = list(chains_lib.CHAIN_NAMES)
     else:
         chain_names = _names(args.chains, chains_lib.CHAIN_NAMES, "chains")
-        for n in chain_names:
-            chain = chains_lib.get_chain(n)
-            if not chain.available():
-                missing = [m for m in chain.needs if not hasattr(optax_stab, m)]
-                raise ArgumentError(
-                    f"chain {n!r} needs optax_stab.{missing[0]}, which this "
-                    "install of optax_stab lacks"
-                )
     seeds = _positive_int(args.seeds, "--seeds")
     seeds = seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
     steps = _positive_int(args.steps, "--steps")
@@ -192,6 +184,29 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "quick": bool(args.quick),
         "out": args.out,
     }
+
+
+def make_out_dir(out: str) -> None:
+    """Creates the output folder ``out`` (and its parents) before any training.
+
+    Raises:
+        ArgumentError: If ``out`` is an existing file, lies under one, cannot be
+            created (a missing or read-only parent, a pseudo file system such as
+            ``/proc``) or is not writable, with a one-line message.
+    """
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise ArgumentError(
+            f"--out {out!r} is an existing file, not a folder"
+        ) from None
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ArgumentError(
+            f"--out {out!r}: cannot create the folder ({reason})"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--out {out!r}: the folder is not writable")
 
 
 def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -294,6 +309,7 @@ def demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         plan = resolve(args)
+        make_out_dir(plan["out"])
     except ArgumentError as e:
         parser.error(str(e))
     return run(plan, argv)
