@@ -209,10 +209,12 @@ def make_out_dir(out: str) -> None:
         raise ArgumentError(f"--out {out!r}: the folder is not writable")
 
 
-def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Trains, prints the table, writes the files; returns ``results.json``'s dict."""
-    import jax
-    from rich.console import Console
+def train(plan: dict[str, Any], err_console: Any) -> list[Any]:
+    """Trains every task of ``plan`` with a progress bar per task on stderr.
+
+    Returns:
+        One :class:`optax_stab.demo.runner.TaskRun` per task, in plan order.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -221,13 +223,8 @@ def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, An
         TimeElapsedColumn,
     )
 
-    from optax_stab.demo import plots, report, runner
+    from optax_stab.demo import runner
 
-    start = time.perf_counter()
-    out = plan["out"]
-    os.makedirs(out, exist_ok=True)
-    console = Console() if sys.stdout.isatty() else Console(width=120)
-    err_console = Console(stderr=True)
     task_objs = [tasks_lib.get_task(n) for n in plan["tasks"]]
     runs = []
     columns = (
@@ -241,11 +238,15 @@ def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, An
         bars = {}
         for t in task_objs:
             steps = plan["steps"] or (t.quick_steps if plan["quick"] else t.steps)
-            bars[t.name] = progress.add_task(f"{t.name:<9} (waiting)", total=steps)
+            # Not started: each bar's clock starts when its task does.
+            bars[t.name] = progress.add_task(
+                f"{t.name:<9} (waiting)", total=steps, start=False
+            )
         for t in task_objs:
             bar = bars[t.name]
             steps = progress.tasks[bar].total
             label = f"{t.name:<9} {len(plan['chains'])} chains x {plan['seeds']} seeds"
+            progress.start_task(bar)
             progress.update(bar, description=f"{label} (compiling)")
 
             def on_progress(done, bar=bar, label=label):
@@ -261,6 +262,27 @@ def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, An
                     on_progress=on_progress,
                 )
             )
+            progress.stop_task(bar)
+    return runs
+
+
+def write_outputs(
+    runs: list[Any],
+    plan: dict[str, Any],
+    argv: Sequence[str] | None,
+    console: Any,
+    start: float,
+) -> dict[str, Any]:
+    """Prints the table and writes the plots, results.json and results.md.
+
+    Returns:
+        ``results.json``'s dict.
+    """
+    import jax
+
+    from optax_stab.demo import plots, report
+
+    out = plan["out"]
     command = "optax-stab demo" + ("" if not argv else " " + " ".join(argv))
     settings = {
         "command": command,
@@ -285,6 +307,21 @@ def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, An
         f"{', '.join(files)} to {os.path.abspath(out)}"
     )
     return results
+
+
+def run(plan: dict[str, Any], argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trains (:func:`train`), then reports (:func:`write_outputs`).
+
+    Returns:
+        ``results.json``'s dict.
+    """
+    from rich.console import Console
+
+    start = time.perf_counter()
+    os.makedirs(plan["out"], exist_ok=True)
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    runs = train(plan, Console(stderr=True))
+    return write_outputs(runs, plan, argv, console, start)
 
 
 def build_parser(prog: str = "optax-stab demo") -> argparse.ArgumentParser:
