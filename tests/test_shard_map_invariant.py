@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import inspect
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,17 +94,4 @@ def test_updates_match_single_device(entry):
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
 def test_every_device_state_matches_single_device(entry):
     (_, expected), (_, per_device) = _runs(entry.name)
-    chex.assert_trees_all_equal_structs(expected, per_device)
-    for ref, got in zip(jax.tree.leaves(expected), jax.tree.leaves(per_device)):
-        assert got.dtype == ref.dtype
-        shape = got.shape[2:]
-        for t in range(STEPS):
-            if shape == ref.shape[1:]:  # a scalar or a history: whole on each
-                for d in range(N):
-                    _close(got[t, d], ref[t])
-            else:  # a per-parameter buffer, split along one axis like its param
-                dims = [
-                    i for i, (a, b) in enumerate(zip(shape, ref.shape[1:])) if a != b
-                ]
-                assert len(dims) == 1, (shape, ref.shape)
-                _close(np.concatenate(list(got[t]), axis=dims[0]), ref[t])
+    _shard.assert_every_device_matches(expected, per_device)
