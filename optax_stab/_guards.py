@@ -412,17 +412,19 @@ def spike_guard(
             it only with a window and threshold where a level shift is
             absorbed, and watch ``consecutive_spikes`` or ``guard_stalled``.
         axis_name: A ``pmap`` or ``shard_map`` axis over which the gradients
-            are split (data-parallel or FSDP shards). Squared norms are summed
-            across it, so the watched norm (and ``"rescale"``'s scale) is the
-            full gradient's; a NaN or Inf on any device makes that norm
-            non-finite on all; ``loss=`` is averaged over it (``lax.pmean``;
-            a loss that is already global, the same on every device, is
-            unchanged by the mean). Every device then takes the same decision
-            and keeps identical counters and histories. Gradients replicated
-            on every device (after a ``pmean``) would count once per device:
-            pass no ``axis_name`` there, with a global loss. ``None``
-            (default) decides from the local values. Not needed under plain
-            ``jit`` with sharded arrays (GSPMD), where norms are already global.
+            are split (FSDP or model-parallel shards, each device holding a
+            slice of every split leaf). Squared norms are summed across it, so
+            the watched norm (and ``"rescale"``'s scale) is the full
+            gradient's, and a NaN or Inf on any device makes it non-finite on
+            all; ``loss=`` is averaged over it (``lax.pmean``; a loss that is
+            already global, the same on every device, is unchanged by the
+            mean). Every device then takes the same decision and keeps
+            identical counters and histories. Gradients replicated on every
+            device (data parallelism after a ``pmean``) would count once per
+            device: pass no ``axis_name`` there, and a global loss
+            (``lax.pmean(loss, axis)``). ``None`` (default) decides from the
+            local values. Not needed under plain ``jit`` with sharded arrays
+            (GSPMD), where norms are already global.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a

@@ -72,14 +72,16 @@ def health_monitor(
     Args:
         decay: EMA decay :math:`\beta` of the norm statistics, in [0, 1).
         axis_name: A ``pmap`` or ``shard_map`` axis over which the updates are
-            split (data-parallel or FSDP shards). Each leaf's squared norm is
-            summed across it, so every statistic (leaf norms, global norm,
-            their minimum and maximum, ``nonfinite_leaves``) is that of the
-            full updates and the state is identical on every device. Updates
-            replicated on every device would count once per device: pass no
-            ``axis_name`` there. The monitor reads no ``loss=``. ``None``
-            (default) records the local shard. Not needed under plain ``jit``
-            with sharded arrays (GSPMD), where norms are already global.
+            split (FSDP or model-parallel shards, each device holding a slice
+            of every split leaf). Each leaf's squared norm is summed across
+            it, so every statistic (leaf norms, global norm, their minimum and
+            maximum, ``nonfinite_leaves``) is that of the full updates and the
+            state is identical on every device. Updates replicated on every
+            device (data parallelism after a ``pmean``) would count once per
+            device: pass no ``axis_name`` there. The monitor reads no
+            ``loss=``. ``None`` (default) records the local shard. Not needed
+            under plain ``jit`` with sharded arrays (GSPMD), where norms are
+            already global.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a
