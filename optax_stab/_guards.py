@@ -24,6 +24,13 @@ not watched. The three ways a Flax user passes it:
           params=optax.apply_updates(state.params, updates),
           opt_state=opt_state,
       )
+
+**Many devices.** Under ``shard_map`` or ``pmap`` each device sees only its
+shard; pass the axis as ``axis_name=`` and the guards reduce over it (norms
+summed, non-finite flags OR-ed, ``loss=`` averaged), so every device makes
+the same decision and keeps the same state. Under plain ``jit`` with sharded
+arrays (GSPMD, multi-host ``jax.distributed``) values are already global and
+no ``axis_name`` is needed.
 """
 
 from __future__ import annotations
@@ -40,8 +47,13 @@ _ACTIONS = ("skip", "rescale", "reset")
 _WATCH = ("both", "loss", "grad_norm")
 
 
-def _loss_of(extra_args: dict[str, Any]) -> jax.Array | None:
-    """The ``loss=`` extra argument as a float32 scalar, or None if absent."""
+def _loss_of(extra_args: dict[str, Any], axis_name: Any = None) -> jax.Array | None:
+    """The ``loss=`` extra argument as a float32 scalar, or None if absent.
+
+    With ``axis_name``, the mean of the devices' losses along that axis (a
+    loss that is the same on every device is unchanged; a NaN or Inf on one
+    device makes the mean non-finite on all).
+    """
     loss = extra_args.get("loss")
     if loss is None:
         return None
@@ -50,7 +62,8 @@ def _loss_of(extra_args: dict[str, Any]) -> jax.Array | None:
         raise ValueError(
             f"`loss` passed to a guard must be a scalar, got shape {loss.shape}."
         )
-    return loss.astype(jnp.float32)
+    loss = loss.astype(jnp.float32)
+    return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
 
 
 def _zero_where(pred: jax.Array, updates: Any) -> Any:
@@ -136,6 +149,7 @@ def guard_nonfinite(
     inner: optax.GradientTransformation,
     *,
     max_consecutive: jax.typing.ArrayLike | None = None,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips every step whose gradients or loss hold a NaN or an Inf.
 
@@ -166,6 +180,14 @@ def guard_nonfinite(
             training stops for good. ``consecutive_nonfinite`` and
             ``skip_fraction`` show it, and :func:`optax_stab.health_report`
             sets ``guard_stalled``.
+        axis_name: A ``pmap`` or ``shard_map`` axis over which the gradients
+            are split (or replicated). The non-finite flag is OR-ed across it
+            and ``loss=`` is averaged over it (``lax.pmean``; a loss that is
+            already global, the same on every device, is unchanged by the
+            mean), so a NaN in one device's shard or loss makes every device
+            skip, and all devices keep identical counters. ``None`` (default)
+            decides from the local values. Not needed under plain ``jit``
+            with sharded arrays (GSPMD), where the values are already global.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -206,8 +228,8 @@ def guard_nonfinite(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        loss = _loss_of(extra_args)
-        bad = ~_tree.all_finite(updates)
+        loss = _loss_of(extra_args, axis_name)
+        bad = ~_tree.all_finite(updates, axis_name=axis_name)
         if loss is not None:
             bad = bad | ~jnp.isfinite(loss)
         skip, forced, consecutive = _bounded_run(
@@ -299,6 +321,7 @@ def spike_guard(
     action: str = "skip",
     watch: str = "both",
     max_consecutive: jax.typing.ArrayLike | None = SPIKE_MAX_CONSECUTIVE,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips, rescales or resets on loss or gradient-norm spikes (and NaN/Inf).
 
@@ -388,6 +411,20 @@ def spike_guard(
             then keep skipping (or resetting) forever, freezing training; use
             it only with a window and threshold where a level shift is
             absorbed, and watch ``consecutive_spikes`` or ``guard_stalled``.
+        axis_name: A ``pmap`` or ``shard_map`` axis over which the gradients
+            are split (FSDP or model-parallel shards, each device holding a
+            slice of every split leaf). Squared norms are summed across it, so
+            the watched norm (and ``"rescale"``'s scale) is the full
+            gradient's, and a NaN or Inf on any device makes it non-finite on
+            all; ``loss=`` is averaged over it (``lax.pmean``; a loss that is
+            already global, the same on every device, is unchanged by the
+            mean). Every device then takes the same decision and keeps
+            identical counters and histories. Gradients replicated on every
+            device (data parallelism after a ``pmean``) would count once per
+            device: pass no ``axis_name`` there, and a global loss
+            (``lax.pmean(loss, axis)``). ``None`` (default) decides from the
+            local values. Not needed under plain ``jit`` with sharded arrays
+            (GSPMD), where norms are already global.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -447,13 +484,13 @@ def spike_guard(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        loss = _loss_of(extra_args)
+        loss = _loss_of(extra_args, axis_name)
         thr = _numerics.as_stat(z_threshold)
         rel = _numerics.as_stat(min_relative)
         ready = state.accepted_steps.astype(jnp.float32) >= _numerics.as_stat(
             warmup_steps
         )
-        norm = _tree.global_norm(updates).astype(jnp.float32)
+        norm = _tree.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
         norm_z, norm_spike, norm_limit = _history_test(
             state.norm_history, norm, ready, thr, rel
         )

@@ -47,7 +47,7 @@ class HealthState(NamedTuple):
 
 
 def health_monitor(
-    *, decay: jax.typing.ArrayLike = 0.99
+    *, decay: jax.typing.ArrayLike = 0.99, axis_name: Any = None
 ) -> optax.GradientTransformationExtraArgs:
     r"""Identity transform that records the health of what passes through it.
 
@@ -71,6 +71,17 @@ def health_monitor(
 
     Args:
         decay: EMA decay :math:`\beta` of the norm statistics, in [0, 1).
+        axis_name: A ``pmap`` or ``shard_map`` axis over which the updates are
+            split (FSDP or model-parallel shards, each device holding a slice
+            of every split leaf). Each leaf's squared norm is summed across
+            it, so every statistic (leaf norms, global norm, their minimum and
+            maximum, ``nonfinite_leaves``) is that of the full updates and the
+            state is identical on every device. Updates replicated on every
+            device (data parallelism after a ``pmean``) would count once per
+            device: pass no ``axis_name`` there. The monitor reads no
+            ``loss=``. ``None`` (default) records the local shard. Not needed
+            under plain ``jit`` with sharded arrays (GSPMD), where norms are
+            already global.
 
     Returns:
         An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -113,7 +124,7 @@ def health_monitor(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         beta = _numerics.as_stat(decay)
-        leaf_norms = _tree.leaf_norms(updates)
+        leaf_norms = _tree.leaf_norms(updates, axis_name=axis_name)
         norms = [jnp.asarray(n, jnp.float32) for n in jax.tree.leaves(leaf_norms)]
         stacked = jnp.stack(norms) if norms else jnp.zeros([1], jnp.float32)
         grad_norm = _tree.combine_norms(leaf_norms).astype(jnp.float32)

@@ -113,15 +113,24 @@ def max_abs(tree: Any) -> jax.Array:
     return out
 
 
-def all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: Any, *, axis_name: Any = None) -> jax.Array:
     """Boolean scalar: every element of every leaf is finite (True if empty).
 
     Exact whatever the magnitudes (a finite ``1e30`` is finite). It reads
     every element once (:func:`max_abs`: on CPU a ``max`` reduction fuses with
     its ``abs`` where ``all(isfinite(x))`` takes several passes) and compiles
     in time linear in the leaf count.
+
+    Args:
+        tree: A pytree of arrays.
+        axis_name: If given, the flags of all devices along this pmap or
+            shard_map axis are AND-ed (one ``psum`` of a scalar), so a NaN in
+            one device's shard makes the result False on every device.
     """
-    return jnp.isfinite(materialised(max_abs(tree)))
+    ok = jnp.isfinite(materialised(max_abs(tree)))
+    if axis_name is not None:
+        ok = _psum((~ok).astype(jnp.int32), axis_name) == 0
+    return ok
 
 
 def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:

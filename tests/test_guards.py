@@ -14,7 +14,7 @@ import pytest
 from absl.testing import parameterized
 
 import optax_stab
-from tests import _examples
+from tests import _examples, _shard
 
 STEPS = 100
 SPIKE_AT = 60
@@ -673,3 +673,129 @@ def test_guard_freeze_example_quick():
     np.testing.assert_array_equal(total, 120)
     assert np.all(np.isfinite(out["guarded_test_loss"]))
     assert np.all(np.isfinite(out["control_test_loss"]))
+
+
+# ------------------------------------------------------------------ axis_name
+# Gradients of {"w": (8, 4), "b": (8,)} split along their first axis over the
+# 8 CPU devices under jax.shard_map (tests/_shard.py), one loss per device.
+SHARD_STEPS = 16
+
+
+@functools.cache
+def _shard_stream():
+    """``SHARD_STEPS`` gradients ~ N(0, 1) (global norm ~ 6.3), losses 1.0."""
+    rng = np.random.default_rng(1)
+    grads = {
+        "w": rng.standard_normal((SHARD_STEPS, 8, 4)).astype(np.float32),
+        "b": rng.standard_normal((SHARD_STEPS, 8)).astype(np.float32),
+    }
+    return grads, np.ones((SHARD_STEPS, _shard.N), np.float32)
+
+
+def _shard_params():
+    return {"w": jnp.zeros((8, 4)), "b": jnp.zeros(8)}
+
+
+@functools.cache
+def _axis_guard(kind, axis_name=None, **kwargs):
+    inner = optax.sgd(1.0, momentum=0.9)
+    if kind == "guard_nonfinite":
+        return optax_stab.guard_nonfinite(inner, axis_name=axis_name)
+    return optax_stab.spike_guard(inner, axis_name=axis_name, **kwargs)
+
+
+def _on_every_device(states, field):
+    """``field`` of every device's state, (steps, N); returns device 0's."""
+    values = np.asarray(getattr(states, field))
+    np.testing.assert_array_equal(values, values[:, :1].repeat(_shard.N, axis=1))
+    return values[:, 0]
+
+
+def _run_both(make, grads, losses):
+    """Single-device and shard_map runs; asserts every device's state agrees."""
+    params = _shard_params()
+    expected = _shard.single(make(), params, grads, losses)
+    got = _shard.sharded(make(axis_name=_shard.AXIS), params, grads, losses)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+        got[0],
+        expected[0],
+    )
+    _shard.assert_every_device_matches(expected[1], got[1])
+    return got
+
+
+@pytest.mark.parametrize("kind", ["guard_nonfinite", "spike_guard"])
+@pytest.mark.parametrize("where", ["grads", "loss"])
+def test_nan_on_one_device_is_skipped_by_every_device(kind, where):
+    grads, losses = _shard_stream()
+    grads, losses = {k: v.copy() for k, v in grads.items()}, losses.copy()
+    bad = 5
+    if where == "grads":
+        grads["w"][bad, 2, 1] = NAN  # only device 2's shard holds it
+    else:
+        losses[bad, 6] = NAN  # only device 6's loss
+    make = functools.partial(_axis_guard, kind, window=8, warmup_steps=3)
+    updates, states = _run_both(make, grads, losses)
+    # Every shard of the bad step is zero, the finite ones included.
+    for u in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(u[bad], np.zeros_like(u[bad]))
+        assert np.all(u[bad + 1] != 0)
+    steps = _on_every_device(states, "nonfinite_steps")
+    np.testing.assert_array_equal(steps, (np.arange(SHARD_STEPS) >= bad) * 1)
+    chex.assert_trees_all_equal(
+        _at(states.inner_state, bad), _at(states.inner_state, bad - 1)
+    )
+
+
+def test_spike_in_one_shard_is_seen_by_every_device():
+    grads, _ = _shard_stream()
+    grads = {k: v.copy() for k, v in grads.items()}
+    spike = SHARD_STEPS - 1
+    # Device 5's rows grow 30-fold: its local norm ~ 67, the global norm too,
+    # ~ 10x the usual ~ 6.3 (the other devices' shards are unchanged).
+    grads["w"][spike, 5] *= 30.0
+    grads["b"][spike, 5] *= 30.0
+    make = functools.partial(
+        _axis_guard, "spike_guard", window=16, warmup_steps=8, watch="grad_norm"
+    )
+    updates, states = _run_both(make, grads, None)
+    for u in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(u[spike], np.zeros_like(u[spike]))
+    spikes = _on_every_device(states, "spike_steps")
+    np.testing.assert_array_equal(spikes, (np.arange(SHARD_STEPS) >= spike) * 1)
+    # The z-score is the full gradient's, against the earlier global norms
+    # (NumPy, float64; population standard deviation).
+    norms = _norms({k: v.astype(np.float64) for k, v in grads.items()})
+    z = (norms[spike] - norms[:spike].mean()) / norms[:spike].std()
+    np.testing.assert_allclose(_on_every_device(states, "norm_z")[spike], z, rtol=1e-4)
+
+
+def test_loss_watched_across_devices_is_the_mean_loss():
+    grads, _ = _shard_stream()
+    steps = 10
+    grads = jax.tree.map(lambda x: x[:steps], grads)
+    # Mean losses 1.0, 1.1, ... (mu = 1.05, sigma = 0.05 over the first 8);
+    # the per-device offsets sum to 0.
+    base = np.where(np.arange(steps) % 2 == 0, 1.0, 1.1)
+    losses = base[:, None] + 0.02 * (np.arange(_shard.N) - 3.5)[None, :]
+    # Step 8: device 0 alone jumps by 1.6 (a spike of its own history), the
+    # mean by 0.2 to 1.2: z = 3, below mu + max(6 sigma, 0.1 mu) = 1.35.
+    losses[8, 0] += 1.6
+    # Step 9: device 0 jumps by 8.0, the mean to 2.1; over the 9 earlier
+    # means mu = 9.6 / 9, sigma = 0.2 / 3, so z = 15.5 > 6 and 2.1 > 1.1 mu.
+    losses[9, 0] += 8.0
+    losses = losses.astype(np.float32)
+    make = functools.partial(
+        _axis_guard, "spike_guard", window=16, warmup_steps=3, watch="loss"
+    )
+    updates, states = _run_both(make, grads, losses)
+    np.testing.assert_array_equal(
+        _on_every_device(states, "spike_steps"), (np.arange(steps) == 9) * 1
+    )
+    loss_z = _on_every_device(states, "loss_z")
+    # float32 losses differ from 1.0 and 1.1 by ~1e-7, 2e-6 of sigma.
+    np.testing.assert_allclose(loss_z[[8, 9]], [3.0, 15.5], rtol=1e-4)
+    for u in jax.tree.leaves(updates):
+        assert np.all(u[8] != 0)  # applied on device 0 too
+        np.testing.assert_array_equal(u[9], np.zeros_like(u[9]))

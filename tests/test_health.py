@@ -13,6 +13,7 @@ import optax
 from absl.testing import parameterized
 
 import optax_stab
+from tests import _shard
 
 NAN, INF = float("nan"), float("inf")
 
@@ -404,3 +405,50 @@ class DiagnosisTest(parameterized.TestCase):
         for r in reports:
             self.assertEqual(r["vanishing_leaves"], 0.0)
             self.assertEqual(r["exploding"], 0.0)
+
+
+# ------------------------------------------------------------------ axis_name
+def test_statistics_under_shard_map_are_those_of_the_full_updates():
+    # Leaves split along their first axis over the 8 CPU devices; step 5 has
+    # a NaN in device 3's shard of ``b`` only.
+    rng = np.random.default_rng(0)
+    steps, bad = 6, 5
+    grads = {
+        "w": rng.standard_normal((steps, 8, 4)).astype(np.float32),
+        "b": (0.1 * rng.standard_normal((steps, 8))).astype(np.float32),
+    }
+    grads["b"][bad, 3] = NAN
+    params = {"w": jnp.zeros((8, 4)), "b": jnp.zeros(8)}
+    tx, tx_axis = (
+        optax_stab.health_monitor(decay=0.9, axis_name=a) for a in (None, _shard.AXIS)
+    )
+    expected = _shard.single(tx, params, grads)
+    updates, states = _shard.sharded(tx_axis, params, grads)
+    chex.assert_trees_all_equal(updates, grads)  # identity, NaN included
+    _shard.assert_every_device_matches(expected[1], states)
+    # NumPy references, float64, on every device.
+    w = np.linalg.norm(grads["w"].astype(np.float64).reshape(steps, -1), axis=1)
+    b = np.linalg.norm(grads["b"].astype(np.float64), axis=1)
+    total = np.hypot(w, b)
+    every = lambda x: np.asarray(x).T  # noqa: E731  (N, steps)
+    for d_w, d_b, d_norm in zip(
+        every(states.leaf_norms["w"]),
+        every(states.leaf_norms["b"]),
+        every(states.grad_norm),
+    ):
+        np.testing.assert_allclose(d_w, w, rtol=1e-6)
+        np.testing.assert_allclose(d_b, b, rtol=1e-6)  # NaN at the bad step
+        np.testing.assert_allclose(d_norm, total, rtol=1e-6)
+    for d_min, d_max in zip(every(states.min_leaf_norm), every(states.max_leaf_norm)):
+        np.testing.assert_allclose(d_min[:bad], np.minimum(w, b)[:bad], rtol=1e-6)
+        np.testing.assert_allclose(d_max[:bad], np.maximum(w, b)[:bad], rtol=1e-6)
+    flags = every(states.nonfinite_leaves)
+    np.testing.assert_array_equal(flags, np.tile(np.arange(steps) == bad, (8, 1)))
+    # The first 1/(1 - decay) = 10 norms are averaged exactly: after step 5 the
+    # statistics hold the mean and population variance of norms 0..4.
+    np.testing.assert_allclose(
+        every(states.norm_ema)[:, bad], total[:bad].mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        every(states.norm_var_ema)[:, bad], total[:bad].var(), rtol=1e-4
+    )
