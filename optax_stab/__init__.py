@@ -29,7 +29,8 @@ from optax_stab._guards import (
     guard_nonfinite,
     spike_guard,
 )
-from optax_stab._health import HealthState, health_monitor, health_report
+from optax_stab._health import HealthState, health_monitor
+from optax_stab._health_report import health_report
 from optax_stab._median import WindowedMedianState, windowed_median
 from optax_stab._schedules import inverse_sqrt_decay
 from optax_stab._smoothing import (
