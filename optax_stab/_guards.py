@@ -194,9 +194,11 @@ def guard_nonfinite(
     """
     if max_consecutive is not None:
         _validate.check_count("max_consecutive", max_consecutive, low=0)
+    _validate.check_transform("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        _validate.check_tree("guard_nonfinite", params)
         return GuardNonfiniteState(
             inner_state=inner.init(params),
             nonfinite_steps=_numerics.zero_count(),
@@ -206,6 +208,7 @@ def guard_nonfinite(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree("guard_nonfinite", updates, params=params)
         loss = _loss_of(extra_args)
         bad = ~_tree.all_finite(updates)
         if loss is not None:
@@ -426,9 +429,12 @@ def spike_guard(
     _validate.check_choice("watch", watch, _WATCH)
     if max_consecutive is not None:
         _validate.check_count("max_consecutive", max_consecutive, low=0)
+    _validate.check_transform("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        _validate.check_tree("spike_guard", params)
+
         def zero():  # a fresh buffer per field, so the state can be donated
             return jnp.zeros([], jnp.float32)
 
@@ -447,6 +453,7 @@ def spike_guard(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree("spike_guard", updates, params=params)
         loss = _loss_of(extra_args)
         thr = _numerics.as_stat(z_threshold)
         rel = _numerics.as_stat(min_relative)
