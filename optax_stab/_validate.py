@@ -65,8 +65,9 @@ def _check_match(
     if treedef != ref_def:
         paths = [p for p, _ in leaves]
         ref_paths = [p for p, _ in refs]
-        extra = [p for p in paths if p not in set(ref_paths)]
-        missing = [p for p in ref_paths if p not in set(paths)]
+        known, ref_known = set(paths), set(ref_paths)
+        extra = [p for p in paths if p not in ref_known]
+        missing = [p for p in ref_paths if p not in known]
         parts = []
         if extra:
             parts.append(f"the updates have {_path(extra[0])}, which it lacks")
