@@ -105,6 +105,10 @@ def fir_smoothing(
 
     Raises:
         ValueError: If ``weights`` is empty, not finite, or has a zero prefix sum.
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -173,6 +177,10 @@ def moving_average(
 
     Raises:
         ValueError: If ``window`` is not an int >= 1.
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -277,7 +285,11 @@ def gaussian_smoothing(
         An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-        ValueError: If ``window`` is not an int >= 1 or ``sigma <= 0``.
+        ValueError: If ``window`` is not an int >= 1 or ``sigma`` is outside (0, inf).
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp

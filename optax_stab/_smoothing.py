@@ -76,6 +76,10 @@ def ema_smoothing(
 
     Raises:
         ValueError: If ``decay`` is outside [0, 1).
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
