@@ -97,7 +97,7 @@ def autoclip(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _validate.check_tree("autoclip", updates, params=params)
+        _validate.check_tree("autoclip", updates)
         del params, extra_args
         norm = _tree.global_norm(updates, axis_name=axis_name)
         finite = jnp.isfinite(norm)
@@ -221,7 +221,7 @@ def zscore_clip(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _validate.check_tree("zscore_clip", updates, params=params)
+        _validate.check_tree("zscore_clip", updates)
         del params, extra_args
         beta, z_thr = _numerics.as_stat(decay), _numerics.as_stat(z_threshold)
         norm = _tree.global_norm(updates, axis_name=axis_name)

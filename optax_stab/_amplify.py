@@ -115,7 +115,7 @@ def _sign_power(
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None, **extra_args):
-        _validate.check_tree(name, updates, ordered=True, params=params)
+        _validate.check_tree(name, updates, ordered=True)
         del params, extra_args
 
         def one(g):

@@ -109,9 +109,14 @@ def clip_by_norm(
         return ClipByNormState(norm, _numerics.zero_count())
 
     def update_fn(updates, state, params=None, **extra_args):
-        per_leaf = None if scope == "global" else state.pre_clip_norm
+        # Per leaf: the state and the params fix the tree. Global: any tree.
+        leafwise = scope == "leaf"
         _validate.check_tree(
-            "clip_by_norm", updates, per_leaf, shapes=False, params=params
+            "clip_by_norm",
+            updates,
+            state.pre_clip_norm if leafwise else None,
+            shapes=False,
+            params=params if leafwise else None,
         )
         del params, extra_args
         limit = _numerics.as_stat(max_norm)

@@ -208,7 +208,6 @@ def guard_nonfinite(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _validate.check_tree("guard_nonfinite", updates, params=params)
         loss = _loss_of(extra_args)
         bad = ~_tree.all_finite(updates)
         if loss is not None:
@@ -453,7 +452,6 @@ def spike_guard(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _validate.check_tree("spike_guard", updates, params=params)
         loss = _loss_of(extra_args)
         thr = _numerics.as_stat(z_threshold)
         rel = _numerics.as_stat(min_relative)

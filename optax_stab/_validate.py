@@ -17,9 +17,12 @@ clippers, the guards and the monitor, which keep them complex; transforms
 that need an ordering of values (a median, ``sign``, comparisons) raise a
 TypeError for them.
 
-**Tree structure.** An ``update`` whose gradient tree differs from the one its
-state was built for (a renamed key, another shape) raises a ValueError naming
-the first differing path, instead of broadcasting. The check runs at trace
+**Tree structure.** A transform that keeps per-leaf state or reads
+``params`` raises a ValueError naming the first differing path when the
+gradient tree differs from the one its state was built for or from the params
+(a renamed key, another shape), instead of broadcasting. Transforms with only
+tree-wide state (global norm clippers, stateless maps) accept any tree, and a
+guard leaves the question to its inner transform. The check runs at trace
 time only: it costs nothing per step under ``jit``.
 """
 
