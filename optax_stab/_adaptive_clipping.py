@@ -89,7 +89,7 @@ def autoclip(
     _validate.check_int("history", history, low=1)
 
     def init_fn(params):
-        del params
+        _validate.check_tree("autoclip", params)
         return AutoclipState(
             _ring.init_scalar(history),
             jnp.zeros([], jnp.float32),
@@ -97,6 +97,7 @@ def autoclip(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree("autoclip", updates)
         del params, extra_args
         norm = _tree.global_norm(updates, axis_name=axis_name)
         finite = jnp.isfinite(norm)
@@ -175,7 +176,7 @@ def zscore_clip(
             integer >= 1 (traceable).
         mode: ``"adaptive"`` (reciprocal clipping, the paper's default) or
             ``"mean"``; static.
-        max_norm: Optional hard cap on the norm, > 0; also applied during
+        max_norm: Optional hard cap on the norm, in (0, inf]; also applied during
             warm-up. ``None`` means no cap.
         eps: :math:`\epsilon` >= 0 in the z-score denominator.
         axis_name: A ``pmap`` / ``shard_map`` axis across which the updates
@@ -206,11 +207,11 @@ def zscore_clip(
     _validate.check_count("warmup_steps", warmup_steps, low=1)
     _validate.check_choice("mode", mode, MODES)
     if max_norm is not None:
-        _validate.check_interval("max_norm", max_norm, low=0.0)
+        _validate.check_interval("max_norm", max_norm, low=0.0, allow_inf=True)
     _validate.check_interval("eps", eps, low=0.0, low_closed=True)
 
     def init_fn(params):
-        del params
+        _validate.check_tree("zscore_clip", params)
 
         def zero():  # a fresh buffer per field, so the state can be donated
             return jnp.zeros([], jnp.float32)
@@ -220,6 +221,7 @@ def zscore_clip(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree("zscore_clip", updates)
         del params, extra_args
         beta, z_thr = _numerics.as_stat(decay), _numerics.as_stat(z_threshold)
         norm = _tree.global_norm(updates, axis_name=axis_name)
@@ -308,8 +310,8 @@ def adaptive_tensor_clip(
         relative: :math:`\lambda_\mathrm{rel}` > 0, the allowed ratio of a
             leaf's norm to its EMA; the paper uses 1.05.
         warmup_steps: Steps of global clipping, an integer >= 1 (traceable).
-        warmup_max_norm: :math:`\lambda_\mathrm{abs}` >= 0, the global clip
-            norm during warm-up.
+        warmup_max_norm: :math:`\lambda_\mathrm{abs}` in [0, inf], the global
+            clip norm during warm-up (``inf``: no warm-up clip).
         axis_name: A ``pmap`` / ``shard_map`` axis across which the updates
             are split; squared norms are summed over it.
 
@@ -341,10 +343,12 @@ def adaptive_tensor_clip(
     _validate.check_interval("relative", relative, low=0.0)
     _validate.check_count("warmup_steps", warmup_steps, low=1)
     _validate.check_interval(
-        "warmup_max_norm", warmup_max_norm, low=0.0, low_closed=True
+        "warmup_max_norm", warmup_max_norm, low=0.0, low_closed=True, allow_inf=True
     )
 
     def init_fn(params):
+        _validate.check_tree("adaptive_tensor_clip", params)
+
         def zeros():  # fresh buffers per field, so the state can be donated
             return jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
 
@@ -353,6 +357,13 @@ def adaptive_tensor_clip(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree(
+            "adaptive_tensor_clip",
+            updates,
+            state.clip_norm_ema,
+            shapes=False,
+            params=params,
+        )
         del params, extra_args
         beta, rel = _numerics.as_stat(decay), _numerics.as_stat(relative)
         norms = _tree.leaf_norms(updates, axis_name=axis_name)

@@ -45,7 +45,10 @@ def sign_power(
         An :class:`optax.GradientTransformationExtraArgs` with an empty state.
 
     Raises:
-        ValueError: If ``power`` is outside [0, 1] or ``threshold <= 0``.
+        ValueError: If ``power`` is outside [0, 1] or ``threshold`` outside
+            (0, inf).
+        TypeError: From ``init`` or ``update``, if a leaf is complex (the map
+            needs the sign of a real number) or not floating point.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -57,24 +60,7 @@ def sign_power(
 
     .. seealso:: :func:`sign_sqrt_amplification`.
     """
-    _validate.check_interval(
-        "power", power, low=0.0, high=1.0, low_closed=True, high_closed=True
-    )
-    _validate.check_interval("threshold", threshold, low=0.0)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-
-        def one(g):
-            ct = _numerics.compute_dtype(g.dtype)
-            p, gamma = _numerics.as_stat(power, ct), _numerics.as_stat(threshold, ct)
-            x = g.astype(ct)
-            u = jnp.sign(x) * gamma * _safe_power(jnp.abs(x) / gamma, p)
-            return jnp.where(jnp.isfinite(g), u.astype(g.dtype), g)
-
-        return jax.tree.map(one, updates), state
-
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return _sign_power("sign_power", power, threshold)
 
 
 def sign_sqrt_amplification(
@@ -95,7 +81,8 @@ def sign_sqrt_amplification(
         An :class:`optax.GradientTransformationExtraArgs` with an empty state.
 
     Raises:
-        ValueError: If ``threshold <= 0``.
+        ValueError: If ``threshold`` is outside (0, inf).
+        TypeError: As :func:`sign_power`.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -111,4 +98,32 @@ def sign_sqrt_amplification(
 
     .. seealso:: :func:`sign_power`.
     """
-    return sign_power(0.5, threshold)
+    return _sign_power("sign_sqrt_amplification", 0.5, threshold)
+
+
+def _sign_power(
+    name: str, power: jax.typing.ArrayLike, threshold: jax.typing.ArrayLike
+) -> optax.GradientTransformationExtraArgs:
+    _validate.check_interval(
+        "power", power, low=0.0, high=1.0, low_closed=True, high_closed=True
+    )
+    _validate.check_interval("threshold", threshold, low=0.0)
+
+    def init_fn(params):
+        _validate.check_tree(name, params, ordered=True)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree(name, updates, ordered=True)
+        del params, extra_args
+
+        def one(g):
+            ct = _numerics.compute_dtype(g.dtype)
+            p, gamma = _numerics.as_stat(power, ct), _numerics.as_stat(threshold, ct)
+            x = g.astype(ct)
+            u = jnp.sign(x) * gamma * _safe_power(jnp.abs(x) / gamma, p)
+            return jnp.where(jnp.isfinite(g), u.astype(g.dtype), g)
+
+        return jax.tree.map(one, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -57,7 +57,7 @@ def clip_by_norm(
     :func:`optax_stab.spike_guard` also on an overflowing norm).
 
     Args:
-        max_norm: Largest allowed norm, >= 0.
+        max_norm: Largest allowed norm, in [0, inf]; ``inf`` never clips.
         scope: ``"global"`` (one norm for the pytree) or ``"leaf"`` (one per
             leaf); static.
         axis_name: A ``pmap`` or ``shard_map`` axis over which the updates are
@@ -69,7 +69,9 @@ def clip_by_norm(
         :class:`ClipByNormState` keeps the pre-clip norm for logging.
 
     Raises:
-        ValueError: If ``max_norm`` is negative or NaN, or ``scope`` is unknown.
+        ValueError: If ``max_norm`` is negative or NaN, or ``scope`` is unknown;
+            from ``update``, if the updates' tree differs from the state's.
+        TypeError: From ``init`` or ``update``, if a leaf is not floating point.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -93,10 +95,13 @@ def clip_by_norm(
     .. seealso:: :func:`optax_stab.autoclip`, :func:`optax_stab.zscore_clip`,
         :func:`optax_stab.adaptive_tensor_clip`.
     """
-    _validate.check_interval("max_norm", max_norm, low=0.0, low_closed=True)
+    _validate.check_interval(
+        "max_norm", max_norm, low=0.0, low_closed=True, allow_inf=True
+    )
     _validate.check_choice("scope", scope, SCOPES)
 
     def init_fn(params):
+        _validate.check_tree("clip_by_norm", params)
         if scope == "global":
             norm = jnp.zeros([], jnp.float32)
         else:
@@ -104,6 +109,15 @@ def clip_by_norm(
         return ClipByNormState(norm, _numerics.zero_count())
 
     def update_fn(updates, state, params=None, **extra_args):
+        # Per leaf: the state and the params fix the tree. Global: any tree.
+        leafwise = scope == "leaf"
+        _validate.check_tree(
+            "clip_by_norm",
+            updates,
+            state.pre_clip_norm if leafwise else None,
+            shapes=False,
+            params=params if leafwise else None,
+        )
         del params, extra_args
         limit = _numerics.as_stat(max_norm)
         if scope == "global":
@@ -177,7 +191,10 @@ def spike_clip(
         An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-        ValueError: If a hyperparameter is out of range.
+        ValueError: If a hyperparameter is out of range; from ``update``, if
+            the updates' tree or shapes differ from the state's.
+        TypeError: From ``init`` or ``update``, if a leaf is complex (the clip
+            needs ``sign``) or not floating point.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -199,10 +216,14 @@ def spike_clip(
     dtype = _numerics.resolve_dtype(nu_dtype)
 
     def init_fn(params):
+        _validate.check_tree("spike_clip", params, ordered=True)
         nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
         return SpikeClipState(_numerics.zero_count(), nu, _numerics.zero_count())
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree(
+            "spike_clip", updates, state.nu, ordered=True, params=params
+        )
         del params, extra_args
         active = state.count >= warmup_steps
 

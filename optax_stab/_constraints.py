@@ -33,8 +33,10 @@ def clip_weights(
         its ``update`` needs ``params``.
 
     Raises:
-        ValueError: If ``max_abs <= 0``, or (from ``update``) if ``params`` is
-            not given.
+        ValueError: If ``max_abs`` is outside (0, inf), or (from ``update``) if
+            ``params`` is not given or its tree differs from the updates'.
+        TypeError: If a leaf is complex (the box needs an ordering) or not
+            floating point.
 
     Examples:
         The seed's weight clipping with (sign-corrected) weight regularisation,
@@ -55,9 +57,15 @@ def clip_weights(
     """
     _validate.check_interval("max_abs", max_abs, low=0.0)
 
+    def init_fn(params):
+        _validate.check_tree("clip_weights", params, ordered=True)
+        return optax.EmptyState()
+
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _validate.require_params(params)
+        _validate.check_tree("clip_weights", params, ordered=True)
+        _validate.check_tree("clip_weights", updates, params, ordered=True)
 
         def one(u, w):
             ct = max(
@@ -78,7 +86,7 @@ def clip_weights(
 
         return jax.tree.map(one, updates, params), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def add_l1_penalty(
@@ -99,8 +107,10 @@ def add_l1_penalty(
         its ``update`` needs ``params``.
 
     Raises:
-        ValueError: If ``strength`` is negative or NaN, or (from ``update``) if
-            ``params`` is not given.
+        ValueError: If ``strength`` is outside [0, inf), or (from ``update``)
+            if ``params`` is not given or its tree differs from the updates'.
+        TypeError: If a param is complex (``sign`` needs a real number) or a
+            leaf is not floating point.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -118,9 +128,15 @@ def add_l1_penalty(
     """
     _validate.check_interval("strength", strength, low=0.0, low_closed=True)
 
+    def init_fn(params):
+        _validate.check_tree("add_l1_penalty", params, ordered=True)
+        return optax.EmptyState()
+
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _validate.require_params(params)
+        _validate.check_tree("add_l1_penalty", params, ordered=True)
+        _validate.check_tree("add_l1_penalty", updates, params)
 
         def one(g, w):
             ct = _numerics.compute_dtype(g.dtype)
@@ -129,4 +145,4 @@ def add_l1_penalty(
 
         return jax.tree.map(one, updates, params), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -29,18 +29,39 @@ class FirSmoothingState(NamedTuple):
     ring: _ring.RingBuffer
 
 
-def ring_filter(window: int, accumulator_dtype, combine, state_cls, fill=None):
+def ring_filter(
+    name: str,
+    window: int,
+    accumulator_dtype,
+    combine,
+    state_cls,
+    fill=None,
+    *,
+    ordered: bool = False,
+):
     """A filter over a ring of the last ``window`` finite gradients.
 
     ``combine(ring, like)`` reduces the ring (newest gradient pushed) to the
     smoothed updates; ``state_cls`` wraps the ring; ``fill`` is the ring's
-    initial slot values (:func:`optax_stab._ring.init`).
+    initial slot values (:func:`optax_stab._ring.init`). ``name`` and
+    ``ordered`` go to :func:`optax_stab._validate.check_tree`.
     """
 
     def init_fn(params):
+        _validate.check_tree(
+            name, params, ordered=ordered, store_dtype=accumulator_dtype
+        )
         return state_cls(_ring.init(params, window, accumulator_dtype, fill))
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree(
+            name,
+            updates,
+            state.ring.values,
+            ordered=ordered,
+            lead_axes=1,
+            params=params,
+        )
         del params, extra_args
         finite = _tree.all_finite(updates)
         ring = _ring.push(state.ring, updates, where=finite)
@@ -50,12 +71,12 @@ def ring_filter(window: int, accumulator_dtype, combine, state_cls, fill=None):
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _fir(window: int, lag_weights_fn, accumulator_dtype):
+def _fir(name: str, window: int, lag_weights_fn, accumulator_dtype):
     def combine(ring, like):
         weights = _ring.slot_weights(ring, lag_weights_fn())
         return _ring.weighted_sum(ring, weights, like=like)
 
-    return ring_filter(window, accumulator_dtype, combine, FirSmoothingState)
+    return ring_filter(name, window, accumulator_dtype, combine, FirSmoothingState)
 
 
 def fir_smoothing(
@@ -84,6 +105,10 @@ def fir_smoothing(
 
     Raises:
         ValueError: If ``weights`` is empty, not finite, or has a zero prefix sum.
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -99,7 +124,7 @@ def fir_smoothing(
     """
     w = _validate.check_weights("weights", weights)
     w32 = w.astype(np.float32)
-    return _fir(len(w), lambda: jnp.asarray(w32), accumulator_dtype)
+    return _fir("fir_smoothing", len(w), lambda: jnp.asarray(w32), accumulator_dtype)
 
 
 class MovingAverageState(NamedTuple):
@@ -152,6 +177,10 @@ def moving_average(
 
     Raises:
         ValueError: If ``window`` is not an int >= 1.
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -166,6 +195,8 @@ def moving_average(
     _validate.check_int("window", window, low=1)
 
     def init_fn(params):
+        _validate.check_tree("moving_average", params, store_dtype=accumulator_dtype)
+
         def zeros(p):
             return jnp.zeros_like(p, dtype=_numerics.compute_dtype(p.dtype))
 
@@ -176,6 +207,7 @@ def moving_average(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree("moving_average", updates, state.total, params=params)
         del params, extra_args
         finite = _tree.all_finite(updates)
         restart = state.ring.index == 0  # this push starts a pass over the ring
@@ -253,7 +285,11 @@ def gaussian_smoothing(
         An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-        ValueError: If ``window`` is not an int >= 1 or ``sigma <= 0``.
+        ValueError: If ``window`` is not an int >= 1 or ``sigma`` is outside (0, inf).
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -268,4 +304,9 @@ def gaussian_smoothing(
     _validate.check_int("window", window, low=1)
     sigma = window / 2 if sigma is None else sigma
     _validate.check_interval("sigma", sigma, low=0.0)
-    return _fir(window, lambda: gaussian_weights(window, sigma), accumulator_dtype)
+    return _fir(
+        "gaussian_smoothing",
+        window,
+        lambda: gaussian_weights(window, sigma),
+        accumulator_dtype,
+    )

@@ -216,9 +216,11 @@ def guard_nonfinite(
     """
     if max_consecutive is not None:
         _validate.check_count("max_consecutive", max_consecutive, low=0)
+    _validate.check_transform("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        _validate.check_tree("guard_nonfinite", params)
         return GuardNonfiniteState(
             inner_state=inner.init(params),
             nonfinite_steps=_numerics.zero_count(),
@@ -463,9 +465,12 @@ def spike_guard(
     _validate.check_choice("watch", watch, _WATCH)
     if max_consecutive is not None:
         _validate.check_count("max_consecutive", max_consecutive, low=0)
+    _validate.check_transform("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
+        _validate.check_tree("spike_guard", params)
+
         def zero():  # a fresh buffer per field, so the state can be donated
             return jnp.zeros([], jnp.float32)
 

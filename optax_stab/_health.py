@@ -103,6 +103,8 @@ def health_monitor(
     _validate.check_interval("decay", decay, low=0.0, high=1.0, low_closed=True)
 
     def init_fn(params):
+        _validate.check_tree("health_monitor", params)
+
         def zero():  # a fresh buffer per field, so the state can be donated
             return jnp.zeros([], jnp.float32)
 
@@ -119,6 +121,9 @@ def health_monitor(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree(
+            "health_monitor", updates, state.leaf_norms, shapes=False, params=params
+        )
         del params, extra_args
         beta = _numerics.as_stat(decay)
         leaf_norms = _tree.leaf_norms(updates, axis_name=axis_name)

@@ -173,6 +173,8 @@ def windowed_median(
 
     Raises:
         ValueError: If ``window`` is not an int in [1, 32].
+        TypeError: From ``init``, if a leaf is complex (a median needs an
+            ordering) or not floating point.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -186,9 +188,11 @@ def windowed_median(
     """
     _validate.check_int("window", window, low=1, high=MAX_WINDOW)
     return _fir.ring_filter(
+        "windowed_median",
         window,
         accumulator_dtype,
         ring_median,
         WindowedMedianState,
         lambda dtype: warmup_fill(window, dtype),
+        ordered=True,
     )

@@ -55,12 +55,15 @@ def zscore(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
-    """float32, or ``dtype`` itself if it is a wider float (float64).
+    """float32, or ``dtype`` itself if it is a wider float (float64) or complex.
 
     The dtype to compute in for leaves of ``dtype`` (bfloat16 and float16
-    leaves are computed in float32 and cast back), found without implicit
-    promotion, so it works under ``jax.numpy_dtype_promotion("strict")``.
+    leaves are computed in float32 and cast back; complex leaves stay complex),
+    found without implicit promotion, so it works under
+    ``jax.numpy_dtype_promotion("strict")``.
     """
     dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return dtype
     wide = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4
     return dtype if wide else jnp.dtype(jnp.float32)

@@ -4,6 +4,10 @@ Every windowed filter and every norm history in optax_stab stores its window
 here. Slot ``s`` of a leaf's buffer holds the value pushed ``lags(ring)[s]``
 pushes ago (lag 0 is the newest); slots with ``lag >= filled`` are not yet
 written and must be ignored (``valid(ring)``).
+
+A ring of a tree with no array leaves (``{}``, ``{"a": None}``) has no slots:
+:func:`window_size` is 0, :func:`push` leaves it as it is, and every
+per-leaf reduction maps over nothing, as ``optax`` transforms do on such trees.
 """
 
 from __future__ import annotations
@@ -74,16 +78,20 @@ def init_scalar(window: int, dtype: Any = jnp.float32) -> RingBuffer:
 
 
 def window_size(ring: RingBuffer) -> int:
-    """The static number of slots."""
-    return jax.tree.leaves(ring.values)[0].shape[0]
+    """The static number of slots; 0 for the ring of a tree without leaves."""
+    leaves = jax.tree.leaves(ring.values)
+    return leaves[0].shape[0] if leaves else 0
 
 
 def push(ring: RingBuffer, tree: Any, where: Any = True) -> RingBuffer:
     """Writes ``tree`` into the next slot; a no-op where ``where`` is False.
 
     Values are cast to the slot dtype. ``filled`` saturates at the window size.
+    A ring without slots (an empty tree) comes back unchanged.
     """
     w = window_size(ring)
+    if w == 0:
+        return ring
     where = jnp.asarray(where)
 
     def write(buf, x):
@@ -139,26 +147,29 @@ def slot_weights(ring: RingBuffer, lag_weights: jax.Array) -> jax.Array:
 
 
 def weighted_sum(
-    ring: RingBuffer, weights: jax.Array, like: Any, dtype: Any = jnp.float32
+    ring: RingBuffer, weights: jax.Array, like: Any, dtype: Any = None
 ) -> Any:
     """``sum_s weights[s] * values[s]`` per leaf, computed in ``dtype``.
 
-    The result takes the dtypes of the matching leaves of ``like``.
+    ``dtype=None`` computes each leaf in float32, or in its own dtype if that
+    is wider or complex (:func:`optax_stab._numerics.compute_dtype`). The
+    result takes the dtypes of the matching leaves of ``like``.
     """
 
-    w = weights.astype(dtype)
     n = window_size(ring)
 
     def combine(buf, ref):
+        ct = _numerics.compute_dtype(buf.dtype) if dtype is None else dtype
+        w = weights.astype(ct)
         if n <= _UNROLL_MAX:
             # One elementwise fusion reading each slot once; XLA's reduction
             # over a leading axis is several times slower on CPU.
-            acc = w[0] * buf[0].astype(dtype)
+            acc = w[0] * buf[0].astype(ct)
             for s in range(1, n):
-                acc = acc + w[s] * buf[s].astype(dtype)
+                acc = acc + w[s] * buf[s].astype(ct)
         else:
             wb = w.reshape((-1,) + (1,) * (buf.ndim - 1))
-            acc = jnp.sum(wb * buf.astype(dtype), axis=0)
+            acc = jnp.sum(wb * buf.astype(ct), axis=0)
         return acc.astype(ref.dtype)
 
     return jax.tree.map(combine, ring.values, like)

@@ -24,16 +24,17 @@ def inverse_sqrt_decay(
 
     Args:
         init_value: :math:`\eta_0`, a finite real.
-        alpha: Decay strength :math:`\alpha` >= 0; 0 is a constant schedule.
-        total_steps: The horizon :math:`T` > 0.
+        alpha: Decay strength :math:`\alpha` in [0, inf); 0 is a constant
+            schedule.
+        total_steps: The horizon :math:`T` in (0, inf).
 
     Returns:
         An ``optax.Schedule``: a function of the step count returning a
         float32 scalar (or ``init_value``'s wider float dtype).
 
     Raises:
-        ValueError: If ``init_value`` is not finite, ``alpha < 0`` or
-            ``total_steps <= 0``.
+        ValueError: If ``init_value`` is not finite, ``alpha`` is outside
+            [0, inf) or ``total_steps`` outside (0, inf).
 
     Examples:
         >>> import optax

@@ -76,6 +76,10 @@ def ema_smoothing(
 
     Raises:
         ValueError: If ``decay`` is outside [0, 1).
+        ValueError: From ``update``, if the updates' tree or shapes differ from
+            the state's or the params'.
+        TypeError: From ``init``, if a leaf is not floating point, or is
+            complex while ``accumulator_dtype`` is real.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -92,6 +96,7 @@ def ema_smoothing(
     _validate.check_interval("decay", decay, low=0.0, high=1.0, low_closed=True)
 
     def init_fn(params):
+        _validate.check_tree("ema_smoothing", params, store_dtype=accumulator_dtype)
         ema = jax.tree.map(
             lambda p: jnp.zeros_like(p, dtype=accumulator_dtype or p.dtype), params
         )
@@ -100,16 +105,18 @@ def ema_smoothing(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_tree("ema_smoothing", updates, state.ema, params=params)
         del params, extra_args
         beta = _numerics.as_stat(decay)
         finite = _tree.all_finite(updates)
-        new = jax.tree.map(
-            lambda m, g: (
-                beta * m.astype(jnp.float32) + (1 - beta) * g.astype(jnp.float32)
-            ),
-            state.ema,
-            updates,
-        )
+
+        def average(m, g):
+            # float32, or the leaf's wider or complex dtype (complex stays complex).
+            ct = _numerics.compute_dtype(g.dtype)
+            b = beta.astype(ct)
+            return b * m.astype(ct) + (1 - b) * g.astype(ct)
+
+        new = jax.tree.map(average, state.ema, updates)
         count = _numerics.increment_if(finite, state.count)
         weight = beta * state.weight + (1 - beta)
         bias = weight if debias else jnp.ones([], jnp.float32)
@@ -120,7 +127,7 @@ def ema_smoothing(
             # only the state's kernel reads the old EMA, and XLA can update a
             # donated state in place instead of copying it first.
             src = stored if stored.dtype == m.dtype else m
-            return (src.astype(jnp.float32) / bias).astype(g.dtype)
+            return (src / bias.astype(m.dtype)).astype(g.dtype)
 
         smoothed = jax.tree.map(out, new, ema, updates)
         weight = jnp.where(finite, weight, state.weight)
@@ -161,7 +168,8 @@ def amplify_slow(
         An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-        ValueError: If ``strength`` is negative or NaN.
+        ValueError: If ``strength`` is negative, infinite or NaN.
+        TypeError: If ``filter`` is not a gradient transformation.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -176,25 +184,27 @@ def amplify_slow(
         Gradients <https://arxiv.org/abs/2405.20233>`_, 2024
     """
     _validate.check_interval("strength", strength, low=0.0, low_closed=True)
+    if filter is not None:
+        _validate.check_transform("filter", filter)
     inner = optax.with_extra_args_support(
         ema_smoothing(0.98) if filter is None else filter
     )
 
     def init_fn(params):
+        _validate.check_tree("amplify_slow", params)
         return AmplifySlowState(inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         slow, filter_state = inner.update(
             updates, state.filter_state, params, **extra_args
         )
-        lam = _numerics.as_stat(strength)
-        out = jax.tree.map(
-            lambda g, s: (g.astype(jnp.float32) + lam * s.astype(jnp.float32)).astype(
-                g.dtype
-            ),
-            updates,
-            slow,
-        )
+
+        def amplify(g, s):
+            ct = _numerics.compute_dtype(g.dtype)
+            lam = _numerics.as_stat(strength, ct)
+            return (g.astype(ct) + lam * s.astype(ct)).astype(g.dtype)
+
+        out = jax.tree.map(amplify, updates, slow)
         return out, AmplifySlowState(filter_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

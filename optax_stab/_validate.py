@@ -1,4 +1,30 @@
-"""Hyperparameter checks that fail at construction with a clear ValueError."""
+"""Checks of hyperparameters (at construction) and of gradient trees (at trace time).
+
+Hyperparameters fail at construction with a ValueError naming the argument, the
+allowed range and the value; a range printed ``[0.0, inf)`` rejects ``inf``,
+one printed ``[0.0, inf]`` accepts it (where ``inf`` means "off" and every
+result stays finite).
+
+**Leaf dtypes: one rule for the library.** Every transform's ``init`` (and
+the ``update`` of the stateless ones) accepts floating-point leaves of any
+width (bfloat16, float16, float32, float64) and raises a TypeError naming the
+first leaf path whose dtype is integer, bool or anything else not inexact
+(:func:`check_tree`). ``jax.grad`` never produces integer gradients, so an
+integer leaf in an update tree is a mistake or a frozen leaf; pass frozen
+leaves through ``optax.masked`` (masked leaves never reach the inner
+transform). Complex leaves are accepted by the linear filters, the norm
+clippers, the guards and the monitor, which keep them complex; transforms
+that need an ordering of values (a median, ``sign``, comparisons) raise a
+TypeError for them.
+
+**Tree structure.** A transform that keeps per-leaf state or reads
+``params`` raises a ValueError naming the first differing path when the
+gradient tree differs from the one its state was built for or from the params
+(a renamed key, another shape), instead of broadcasting. Transforms with only
+tree-wide state (global norm clippers, stateless maps) accept any tree, and a
+guard leaves the question to its inner transform. The check runs at trace
+time only: it costs nothing per step under ``jit``.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +51,129 @@ def _fmt(bound: float) -> str:
     return repr(float(bound))
 
 
+def _path(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path) if path else "<root>"
+
+
+def _leaf_dtype(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return jnp.dtype(jnp.result_type(x) if dtype is None else dtype)
+
+
+def _check_match(
+    name: str, tree: Any, reference: Any, lead_axes: int, shapes: bool, whose: str
+) -> None:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    refs, ref_def = jax.tree_util.tree_flatten_with_path(reference)
+    if treedef != ref_def:
+        paths = [p for p, _ in leaves]
+        ref_paths = [p for p, _ in refs]
+        known, ref_known = set(paths), set(ref_paths)
+        extra = [p for p in paths if p not in ref_known]
+        missing = [p for p in ref_paths if p not in known]
+        parts = []
+        if extra:
+            parts.append(f"the updates have {_path(extra[0])}, which it lacks")
+        if missing:
+            parts.append(f"the updates lack its {_path(missing[0])}")
+        if not parts:  # same leaf paths: other node types, or None leaves
+            parts.append(f"the updates' tree is {treedef}, it is {ref_def}")
+        raise ValueError(
+            f"{name}: the updates' tree differs from {whose} tree: {'; '.join(parts)}."
+        )
+    if shapes:
+        for (path, x), (_, r) in zip(leaves, refs):
+            want = tuple(np.shape(r))[lead_axes:]
+            if tuple(np.shape(x)) != want:
+                raise ValueError(
+                    f"{name}: leaf {_path(path)} has shape {tuple(np.shape(x))}, "
+                    f"{whose} tree has shape {want} there."
+                )
+
+
+def check_tree(
+    name: str,
+    tree: Any,
+    reference: Any = None,
+    *,
+    params: Any = None,
+    ordered: bool = False,
+    lead_axes: int = 0,
+    shapes: bool = True,
+    store_dtype: Any = None,
+) -> None:
+    """Checks a params or gradient tree at trace time (no runtime cost).
+
+    Args:
+        name: The transform's name, used in the messages.
+        tree: Params (from ``init``) or updates (from ``update``).
+        reference: If given, a tree the state holds per leaf (an EMA, a ring
+            buffer's values, per-leaf norms): ``tree`` must have its structure,
+            and (if ``shapes``) each leaf the reference leaf's shape with its
+            first ``lead_axes`` axes dropped.
+        params: If given, the params ``update`` received: ``tree`` must have
+            their structure and shapes.
+        ordered: Whether the transform needs an ordering of values, so complex
+            leaves are rejected.
+        lead_axes: Leading axes of each reference leaf that ``tree`` lacks
+            (1 for a ring buffer's window axis).
+        shapes: Whether to compare shapes with ``reference`` (False for
+            per-leaf scalars).
+        store_dtype: A user-chosen dtype the state stores leaves in; if it is
+            real, complex leaves are rejected, as it would drop their
+            imaginary part.
+
+    Raises:
+        ValueError: If ``tree`` differs from ``reference`` or ``params`` in
+            structure or shape; the message names the first differing path.
+        TypeError: If a leaf is not floating point (integer, bool, float0), or
+            is complex where ``ordered`` or a real ``store_dtype`` is given;
+            the message names the leaf path and dtype.
+    """
+    if reference is not None:
+        _check_match(name, tree, reference, lead_axes, shapes, "the state's")
+    if params is not None:
+        _check_match(name, tree, params, 0, True, "the params'")
+    store_complex = store_dtype is None or jnp.issubdtype(
+        jnp.dtype(store_dtype), jnp.complexfloating
+    )
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = _leaf_dtype(x)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{name}: leaf {_path(path)} has dtype {dtype}; optax_stab "
+                "transforms take floating-point leaves only (exclude frozen or "
+                "integer leaves with optax.masked)."
+            )
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            if ordered:
+                raise TypeError(
+                    f"{name}: leaf {_path(path)} has dtype {dtype}; it needs an "
+                    "ordering, complex is not supported."
+                )
+            if not store_complex:
+                raise TypeError(
+                    f"{name}: leaf {_path(path)} has dtype {dtype}, which the "
+                    f"real dtype {jnp.dtype(store_dtype)} it is stored in cannot "
+                    "hold."
+                )
+
+
+def check_transform(name: str, value: Any) -> None:
+    """Checks that a wrapped ``inner`` argument is an optax transformation.
+
+    Raises:
+        TypeError: If ``value`` lacks callable ``init`` and ``update``.
+    """
+    if not (
+        callable(getattr(value, "init", None))
+        and callable(getattr(value, "update", None))
+    ):
+        raise TypeError(
+            f"`{name}` must be an optax.GradientTransformation, got {value!r}."
+        )
+
+
 def check_interval(
     name: str,
     value: Any,
@@ -33,8 +182,13 @@ def check_interval(
     high: float | None = None,
     low_closed: bool = False,
     high_closed: bool = False,
+    allow_inf: bool = False,
 ) -> None:
     """Checks that a numeric scalar lies in an interval; NaN always fails.
+
+    An unbounded side rejects infinity (printed ``inf)``) unless
+    ``allow_inf`` (printed ``inf]``): accept ``inf`` only where it means "off"
+    and every result stays finite.
 
     Args:
         name: Argument name used in the error message.
@@ -44,14 +198,19 @@ def check_interval(
         high: Upper bound, or ``None`` for no bound.
         low_closed: Whether ``low`` itself is allowed.
         high_closed: Whether ``high`` itself is allowed.
+        allow_inf: Whether ``inf`` is allowed when ``high`` is ``None``.
 
     Raises:
         ValueError: If the value is not a real scalar, is NaN, or lies outside.
     """
     if is_traced(value):
         return
-    lo_s = "-inf" if low is None else _fmt(low)
-    hi_s = "inf" if high is None else _fmt(high)
+    if high is None:
+        high, high_closed = math.inf, allow_inf
+    if low is None:
+        low, low_closed = -math.inf, False
+    lo_s = _fmt(low)
+    hi_s = _fmt(high)
     interval = (
         f"{'[' if low_closed else '('}{lo_s}, {hi_s}{']' if high_closed else ')'}"
     )
