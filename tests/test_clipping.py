@@ -383,13 +383,22 @@ class ClipByNormTest(parameterized.TestCase):
         np.testing.assert_allclose(u["a"], [0.6, 0.8], rtol=1e-6)
         assert state.pre_clip_norm == 5.0 and state.clipped_steps == 1
 
-    def test_a_norm_overflowing_float32_counts_as_nonfinite(self):
+    def test_finite_gradient_whose_squares_overflow_is_clipped_to_its_limit(self):
+        # Issue 10.5: 3e30**2 overflows float32, the norm 5e30 does not.
         g = {"a": jnp.array([3e30, 0.0]), "b": jnp.array([-4e30])}
-        for scope in ("global", "leaf"):
+        expected = {
+            "global": ({"a": [0.6, 0.0], "b": [-0.8]}, 5e30),
+            "leaf": ({"a": [1.0, 0.0], "b": [-1.0]}, {"a": 3e30, "b": 4e30}),
+        }
+        for scope, (want, norm) in expected.items():
             u, state = _clip_fn(scope)(g, 1.0)
-            chex.assert_trees_all_equal(u, g)
-            assert not np.any(np.isfinite(jax.tree.leaves(state.pre_clip_norm)))
-            assert state.clipped_steps == 0
+            for k in g:
+                np.testing.assert_allclose(u[k], want[k], rtol=1e-6)
+            got = jax.tree.map(float, state.pre_clip_norm)
+            np.testing.assert_allclose(
+                jax.tree.leaves(got), jax.tree.leaves(norm), rtol=1e-6
+            )
+            assert state.clipped_steps == 1
 
     def test_bf16_gradients_are_clipped_by_their_true_norm(self):
         # 1000 leaves of ones(1000): the true norm is 1000. A bfloat16 sum of
