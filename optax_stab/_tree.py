@@ -199,16 +199,22 @@ def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.A
 def max_abs(tree: Any) -> jax.Array:
     """Largest ``|x|`` over every element of every float leaf, float32 scalar.
 
-    NaN if any element is NaN, Inf if any is infinite (and none NaN), 0 for an
-    empty tree. One fused reduction per leaf; read through :func:`materialised`
-    by tree-wide consumers (see the module note).
+    A complex element counts the larger of ``|re|`` and ``|im|`` (its modulus
+    could overflow while both parts are finite). NaN if any element is NaN,
+    Inf if any is infinite (and none NaN), 0 for an empty tree. One fused
+    reduction per leaf; read through :func:`materialised` by tree-wide
+    consumers (see the module note).
     """
     out = jnp.zeros([], jnp.float32)
     for x in jax.tree.leaves(tree):
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
             # max propagates NaN in XLA; |x| >= 0, so 0 is a neutral start.
-            out = jnp.maximum(out, jnp.max(jnp.abs(x)).astype(jnp.float32))
+            if jnp.iscomplexobj(x):
+                mag = jnp.maximum(jnp.abs(jnp.real(x)), jnp.abs(jnp.imag(x)))
+            else:
+                mag = jnp.abs(x)
+            out = jnp.maximum(out, jnp.max(mag).astype(jnp.float32))
     return out
 
 

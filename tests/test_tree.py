@@ -209,3 +209,10 @@ def test_axis_name_rescue_sums_scaled_squares_across_shards(scale):
     ref = _ref(x)
     # 24 squares: (24 + 1) * 2**-24 / 2 + 2**-24 < 1e-6.
     np.testing.assert_allclose([float(g), float(leaf)], [ref, ref], rtol=RANGE_RTOL)
+
+
+def test_all_finite_on_complex_parts_whose_modulus_overflows():
+    z = jnp.array([3e38 + 3e38j], jnp.complex64)  # |z| = 4.2e38 > float32 max
+    assert bool(_tree.all_finite([z]))
+    assert not bool(_tree.all_finite([z, jnp.array([1j * jnp.inf], jnp.complex64)]))
+    assert float(_tree.max_abs([z])) == np.float32(3e38)
