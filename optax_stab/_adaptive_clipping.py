@@ -372,14 +372,16 @@ def adaptive_tensor_clip(
         warm = state.count < warmup_steps
         first = state.count == 0
         lam = _numerics.as_stat(warmup_max_norm)
-        warm_scale = lam / jnp.where(total > lam, total, jnp.ones_like(total))
 
         def leaf(u, n, gamma):
             limit = rel * gamma
             clip = finite & jnp.where(warm, total > lam, n > limit)
-            scale = jnp.where(warm, warm_scale, limit / jnp.where(clip, n, 1.0))
-            out = _tree.scale_where(u, clip, scale)
-            new_norm = jnp.where(clip, n * scale, n)
+            # The scale is lam / total in warm-up, else limit / n; split so
+            # that a huge finite norm never scales to (flushed) zero.
+            den = jnp.where(clip, jnp.where(warm, total, n), jnp.ones_like(n))
+            pre, scale = _tree.split_ratio(jnp.where(warm, lam, limit), den)
+            out = _tree.scale_where(u, clip, scale, pre)
+            new_norm = jnp.where(clip, n * pre * scale, n)
             ema = beta * gamma + (1 - beta) * new_norm
             running_min = jnp.where(first, new_norm, jnp.minimum(gamma, new_norm))
             new_gamma = jnp.where(warm, running_min, ema)

@@ -49,12 +49,14 @@ def clip_by_norm(
     bfloat16 gradients are clipped by their true norm). ``max_norm = 0`` maps
     any update to zeros and all-zero updates to zeros (never 0/0).
 
-    A non-finite norm (a NaN or Inf in the tree, or in the leaf for
-    ``scope="leaf"``, or elements beyond about ``1.8e19`` whose squares
-    overflow float32) is never used to scale: that update passes unchanged,
-    ``pre_clip_norm`` records the Inf or NaN, and a guard acts on it
-    (:func:`optax_stab.guard_nonfinite` on NaN/Inf gradients,
-    :func:`optax_stab.spike_guard` also on an overflowing norm).
+    Norms are overflow-safe: a finite gradient (``1e30``, or ``1e-30``) gets
+    its true norm to float32 rounding and is clipped to ``max_norm``; complex
+    leaves count :math:`|z|^2` and stay complex. A non-finite norm (a NaN or
+    Inf in the tree, or in the leaf for ``scope="leaf"``, or a norm beyond
+    float32's max of about ``3.4e38``) is never used to scale: that update
+    passes unchanged, ``pre_clip_norm`` records the Inf or NaN, and a guard
+    acts on it (:func:`optax_stab.guard_nonfinite`,
+    :func:`optax_stab.spike_guard`).
 
     Args:
         max_norm: Largest allowed norm, in [0, inf]; ``inf`` never clips.
@@ -141,7 +143,8 @@ class SpikeClipState(NamedTuple):
 
     Attributes:
         count: Finite steps seen; int32 scalar, saturating.
-        nu: EMA of the squared (clipped) gradients, like the params, float32
+        nu: EMA of the squared (clipped) gradients, each clamped at the
+            ceiling in "Range" (so always finite), like the params, float32
             unless ``nu_dtype`` is given.
         clipped_steps: Steps on which some coordinate was clipped; int32
             scalar, saturating.
@@ -174,7 +177,15 @@ def spike_clip(
     Clipping is off for the first ``warmup_steps`` finite steps (while
     :math:`\nu` builds up) and for coordinates whose :math:`\nu` is still
     exactly 0 (never saw a nonzero gradient), which would otherwise be frozen
-    at zero for ever. Unclipped coordinates pass bit for bit. Memory: one
+    at zero for ever. Unclipped coordinates pass bit for bit.
+
+    **Range.** A squared gradient enters :math:`\nu` clamped at
+    :math:`M = \mathrm{finfo}(\nu).\mathrm{max} / (2\max(\theta, 1))`, so
+    :math:`\theta\nu` stays finite: a finite gradient too large to square in
+    float32 (beyond about ``1.8e19``), even during warm-up, leaves a finite
+    :math:`\nu` and its coordinate is clipped again later (to at most
+    :math:`\sqrt{\theta M}`, about ``1.3e19`` in float32) instead of being
+    frozen at an Inf :math:`\nu`. Below :math:`M` the EMA is exact. Memory: one
     float32 copy of the params (``nu_dtype`` can change it; a bfloat16
     :math:`\nu` cannot resolve ``decay=0.999`` updates). A step with a NaN or
     Inf passes unchanged and leaves :math:`\nu` and ``count`` untouched.
@@ -215,6 +226,13 @@ def spike_clip(
     _validate.check_count("warmup_steps", warmup_steps, low=0)
     dtype = _numerics.resolve_dtype(nu_dtype)
 
+    def _nu_ceiling(nu, x):
+        # finfo(nu).max / (2 max(theta, 1)): theta * nu and its EMA rounding
+        # stay below the max of nu's dtype and of x's.
+        big = min(float(jnp.finfo(nu.dtype).max), float(jnp.finfo(x.dtype).max))
+        theta = jnp.maximum(_numerics.as_stat(threshold, x.dtype), 1)
+        return jnp.asarray(big / 2, x.dtype) / theta
+
     def init_fn(params):
         _validate.check_tree("spike_clip", params, ordered=True)
         nu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype), params)
@@ -249,7 +267,9 @@ def spike_clip(
             capped = jnp.sign(x) * _tree.safe_sqrt(cap2)
             out = jnp.where(spike, capped.astype(g.dtype), g)
             # capped**2 is cap2: the sqrt stays in one kernel (``out``'s).
-            ema = beta * v + (1 - beta) * jnp.where(spike, cap2, jnp.square(x))
+            # Clamped, so theta * nu stays finite ("Range" in the docstring).
+            sq = jnp.minimum(jnp.where(spike, cap2, jnp.square(x)), _nu_ceiling(nu, x))
+            ema = beta * v + (1 - beta) * sq
             return out, jnp.where(finite, ema, v).astype(nu.dtype)
 
         out, nu = _tree.map_unzip(leaf, updates, state.nu, n=2)

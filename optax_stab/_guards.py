@@ -345,7 +345,8 @@ def spike_guard(
     values: ``"both"``, ``"loss"`` or ``"grad_norm"``; the loss is watched
     only when ``loss=`` is passed (without it, ``watch="loss"`` acts only on
     non-finite gradients). A step whose gradients or loss hold a NaN or an
-    Inf (or whose float32 norm overflows) always acts, whatever ``watch``, is
+    Inf (or whose norm is beyond float32's max, about ``3.4e38``: smaller
+    finite gradients have finite norms) always acts, whatever ``watch``, is
     always skipped, whatever ``action``, and is counted in
     ``nonfinite_steps`` too; non-finite values never reach ``inner_state``
     or the histories.

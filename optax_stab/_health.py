@@ -26,8 +26,7 @@ class HealthState(NamedTuple):
         min_leaf_norm: Smallest leaf norm this step; float32 scalar.
         max_leaf_norm: Largest leaf norm this step; float32 scalar.
         nonfinite_leaves: Leaves whose norm is not finite this step (a NaN or
-            Inf, or elements beyond about ``1.8e19`` whose float32 squares
-            overflow); int32 scalar.
+            Inf, or a norm beyond float32's max); int32 scalar.
         health_step: Steps with a finite global norm seen so far; int32
             scalar, saturating.
     """
@@ -143,6 +142,7 @@ def health_monitor(
         delta = jnp.where(fold, prev - state.norm_ema, 0)
         ema = state.norm_ema + (1 - b) * delta
         var = b * (state.norm_var_ema + (1 - b) * jnp.square(delta))
+        var = jnp.minimum(var, jnp.finfo(jnp.float32).max)  # finite huge norms
 
         new_state = HealthState(
             grad_norm=grad_norm,

@@ -1,4 +1,16 @@
-"""Pytree norms accumulated in float32, zero-safe, optionally summed over an axis.
+r"""Pytree norms accumulated in float32, zero-safe, overflow-safe, complex-aware.
+
+**Range.** A norm is first computed the fast way, one fused pass of plain
+squares per leaf. Only where that sum overflowed (elements beyond about
+``1.8e19`` in float32) or fell below ``2**-63`` (where squares of elements
+under ``1e-19`` flush to zero) is it recomputed once more, from squares scaled
+by an exact power of two (as LAPACK's ``nrm2`` scales), under a ``lax.cond``
+on the scalar sum: the common step pays one predicate, not a second pass
+(under ``vmap`` the cond becomes a select and both passes run). So every
+finite tree whose norm is below float32's max (about ``3.4e38``) gets its norm
+to float32 rounding, and only a NaN or Inf element (or a norm beyond float32's
+range) gives a non-finite norm. Complex leaves contribute
+:math:`|z|^2 = \mathrm{re}^2 + \mathrm{im}^2`.
 
 **Tree-wide scalars and compile time.** A scalar computed from every leaf (a
 global norm, an "all finite" flag) and then read by every leaf's elementwise
@@ -53,10 +65,29 @@ def materialised(total: jax.Array) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def squared_norm(x: jax.Array, dtype: Any = None) -> jax.Array:
-    """Sum of squares of one array, accumulated in ``dtype`` (default float32)."""
+def _abs2(x: jax.Array, dtype: Any, scale: Any = None) -> jax.Array:
+    """Elementwise ``|x * scale|**2`` in ``dtype``; complex ``x``: re² + im²."""
+    x = jnp.asarray(x)
+    parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+    out = None
+    for part in parts:
+        part = part.astype(dtype)
+        if scale is not None:
+            part = part * scale
+        out = jnp.square(part) if out is None else out + jnp.square(part)
+    return out
+
+
+def squared_norm(x: jax.Array, dtype: Any = None, scale: Any = None) -> jax.Array:
+    """Sum of ``|x * scale|**2`` over one array, in ``dtype`` (default float32).
+
+    The plain one-pass sum: without ``scale`` it overflows to Inf for elements
+    beyond about ``1.8e19`` and drops elements under about ``1e-19``;
+    :func:`leaf_norms` and :func:`global_norm` rescue both. Complex elements
+    contribute ``re**2 + im**2``.
+    """
     dtype = _numerics.resolve_dtype(dtype)
-    return jnp.sum(jnp.square(jnp.asarray(x).astype(dtype)), dtype=dtype)
+    return jnp.sum(_abs2(x, dtype, scale), dtype=dtype)
 
 
 def _psum(x: jax.Array, axis_name: Any) -> jax.Array:
@@ -64,22 +95,84 @@ def _psum(x: jax.Array, axis_name: Any) -> jax.Array:
 
 
 def leaf_squared_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
-    """Per-leaf sums of squares (a pytree of scalars), summed over ``axis_name``."""
+    """Per-leaf plain sums of squares (may overflow: see :func:`squared_norm`)."""
     return jax.tree.map(lambda x: _psum(squared_norm(x, dtype), axis_name), tree)
 
 
+def _low(dtype: Any) -> float:
+    # 2**(minexp/2): below it, squares of elements may have flushed to zero.
+    return 2.0 ** (jnp.finfo(dtype).minexp // 2)
+
+
+def _needs_rescue(total: jax.Array) -> jax.Array:
+    """A plain sum of squares overflowed (Inf) or may have lost underflows.
+
+    NaN is final: the norm is NaN either way.
+    """
+    return (total < _low(total.dtype)) | jnp.isinf(total)
+
+
+def _rescue_scale(total: jax.Array) -> jax.Array:
+    """The exact power of two that elements are scaled by before squaring again.
+
+    Inf: ``2**(-3 maxexp/4)`` (``2**-96`` in float32), so float32's max squares
+    to ``2**64``, and the elements lost to underflow (below ``2**33``) add at
+    most ``2**-62`` each relative to a sum of ``2**128`` or more. Below
+    ``2**(minexp/2)``: ``2**(-minexp/2)`` (``2**63``); every element is then
+    below ``2**-31.5``, its scaled square below ``2**63``, and only subnormal
+    elements are lost. 1 otherwise (reached only when ``vmap`` turns the cond
+    into a select).
+    """
+    fi = jnp.finfo(total.dtype)
+    down = jnp.asarray(2.0 ** -(3 * fi.maxexp // 4), total.dtype)
+    up = jnp.asarray(2.0 ** (-fi.minexp // 2), total.dtype)
+    low = total < _low(total.dtype)
+    return jnp.where(jnp.isinf(total), down, jnp.where(low, up, jnp.ones_like(up)))
+
+
+def _rescued_norm(total: jax.Array, rescaled: Any) -> jax.Array:
+    """``sqrt(total)``, or ``sqrt(rescaled(c)) / c`` where ``total`` needs rescue.
+
+    ``rescaled(c)`` sums the squares of the elements times ``c``; it runs only
+    under the predicate (a ``lax.cond`` on the scalar ``total``).
+    """
+
+    def slow(t):
+        c = _rescue_scale(t)
+        return total_sqrt(rescaled(c)) / c  # a power of two: exact
+
+    return jax.lax.cond(_needs_rescue(total), slow, total_sqrt, total)
+
+
 def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
-    """Per-leaf L2 norms (a pytree of scalars) in float32, zero-safe.
+    """Per-leaf L2 norms (a pytree of scalars), zero- and overflow-safe.
+
+    Each leaf's norm is exact to float32 rounding over the range of
+    :func:`global_norm`; complex elements count :math:`|z|^2`.
 
     Args:
-        tree: A pytree of arrays of any float dtype.
+        tree: A pytree of arrays of any float or complex dtype.
         axis_name: If given, squared norms are summed across this pmap or
             shard_map axis before the square root, so a leaf split over
             devices gets its full norm.
         dtype: Accumulation dtype; ``None`` means float32.
     """
-    return jax.tree.map(
-        safe_sqrt, leaf_squared_norms(tree, axis_name=axis_name, dtype=dtype)
+    dtype = _numerics.resolve_dtype(dtype)
+    totals = leaf_squared_norms(tree, axis_name=axis_name, dtype=dtype)
+    if not jax.tree.leaves(totals):
+        return totals
+
+    def one(x, total):
+        return _rescued_norm(
+            total, lambda c: _psum(squared_norm(x, dtype, c), axis_name)
+        )
+
+    # One cond for the whole tree on the common step; one per leaf inside it.
+    return jax.lax.cond(
+        any_leaf(jax.tree.map(_needs_rescue, totals)),
+        lambda t: jax.tree.map(one, tree, t),
+        lambda t: jax.tree.map(safe_sqrt, t),
+        totals,
     )
 
 
@@ -88,28 +181,40 @@ def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.A
 
     Unlike ``optax.tree.norm`` on bfloat16 leaves, the sum of squares never
     rounds to bfloat16: 1000 leaves of ``ones(1000, bfloat16)`` give 1000.
-    The value and its derivative are 0 (not NaN) at an all-zero tree; NaN and
-    Inf propagate.
+    Finite elements of any magnitude give the norm to float32 rounding (see
+    the module note); complex elements count :math:`|z|^2`. The value and its
+    derivative are 0 (not NaN) at an all-zero tree; NaN and Inf elements
+    propagate, and a norm beyond float32's max (about ``3.4e38``) is Inf.
     """
     dtype = _numerics.resolve_dtype(dtype)
     leaves = jax.tree.leaves(tree)
-    total = sum((squared_norm(x, dtype) for x in leaves), jnp.zeros([], dtype))
-    return total_sqrt(_psum(total, axis_name))
+
+    def total(scale=None):
+        parts = (squared_norm(x, dtype, scale) for x in leaves)
+        return _psum(sum(parts, jnp.zeros([], dtype)), axis_name)
+
+    return _rescued_norm(total(), total)
 
 
 def max_abs(tree: Any) -> jax.Array:
     """Largest ``|x|`` over every element of every float leaf, float32 scalar.
 
-    NaN if any element is NaN, Inf if any is infinite (and none NaN), 0 for an
-    empty tree. One fused reduction per leaf; read through :func:`materialised`
-    by tree-wide consumers (see the module note).
+    A complex element counts the larger of ``|re|`` and ``|im|`` (its modulus
+    could overflow while both parts are finite). NaN if any element is NaN,
+    Inf if any is infinite (and none NaN), 0 for an empty tree. One fused
+    reduction per leaf; read through :func:`materialised` by tree-wide
+    consumers (see the module note).
     """
     out = jnp.zeros([], jnp.float32)
     for x in jax.tree.leaves(tree):
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
             # max propagates NaN in XLA; |x| >= 0, so 0 is a neutral start.
-            out = jnp.maximum(out, jnp.max(jnp.abs(x)).astype(jnp.float32))
+            if jnp.iscomplexobj(x):
+                mag = jnp.maximum(jnp.abs(jnp.real(x)), jnp.abs(jnp.imag(x)))
+            else:
+                mag = jnp.abs(x)
+            out = jnp.maximum(out, jnp.max(mag).astype(jnp.float32))
     return out
 
 
@@ -166,19 +271,43 @@ def combine_norms(norms: Any) -> jax.Array:
     return jnp.where(ok, total, r * r)
 
 
-def scale_where(tree: Any, pred: jax.Array, factor: jax.Array) -> Any:
-    """Leaf-wise ``x * factor`` where ``pred`` holds, else ``x`` bit for bit.
+def split_ratio(num: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``num / den`` as ``(pre, factor)``, ``pre`` an exact power of two.
 
-    The product is computed in float32 (or the leaf's wider dtype) and cast
-    back, so a bfloat16 leaf is rounded once. ``factor`` is only read where
-    ``pred`` holds, so an Inf or NaN factor elsewhere leaks into neither the
-    value nor its derivative.
+    XLA on CPU flushes subnormal results to zero, so a plain ratio below
+    float32's normal range (a norm of ``3e38`` clipped to 1) would scale a
+    tree to zeros. Where ``den > 2**64``, ``pre = 2**-64`` and ``factor =
+    num / (den * 2**-64)``; otherwise ``pre = 1`` and ``factor = num / den``,
+    so ``(x * pre) * factor`` is ``x * (num / den)`` bit for bit.
+    """
+    big = den > 2.0**64
+    pre = jnp.where(big, 2.0**-64, 1.0).astype(den.dtype)
+    return pre, num / (den * pre)
+
+
+def scale_where(
+    tree: Any, pred: jax.Array, factor: jax.Array, pre: jax.Array | None = None
+) -> Any:
+    """Leaf-wise ``(x * pre) * factor`` where ``pred`` holds, else ``x`` bit for bit.
+
+    The product is computed in float32 (or the leaf's wider or complex dtype)
+    and cast back, so a bfloat16 leaf is rounded once and a complex leaf stays
+    complex. ``pre`` (default 1) is an exact power of two from
+    :func:`split_ratio`. ``factor`` is only read where ``pred`` holds, so an
+    Inf or NaN factor elsewhere leaks into neither the value nor its
+    derivative.
     """
 
     def one(x):
-        ct = _numerics.compute_dtype(x.dtype)
+        if jnp.iscomplexobj(x):
+            ct = x.dtype
+        else:
+            ct = _numerics.compute_dtype(x.dtype)
         f = jnp.where(pred, factor, jnp.ones_like(factor)).astype(ct)
-        return jnp.where(pred, (x.astype(ct) * f).astype(x.dtype), x)
+        y = x.astype(ct)
+        if pre is not None:
+            y = y * pre.astype(ct)
+        return jnp.where(pred, (y * f).astype(x.dtype), x)
 
     return jax.tree.map(one, tree)
 
@@ -190,11 +319,13 @@ def clip_to_norm(
 
     Returns ``(tree, clipped)``. Where ``norm <= max_norm`` or ``norm`` is not
     finite, the leaves come back bit for bit; ``max_norm = 0`` with
-    ``norm = 0`` is not a clip (no 0/0). ``max_norm`` may be ``inf``.
+    ``norm = 0`` is not a clip (no 0/0). ``max_norm`` may be ``inf``. Any
+    finite ``norm`` is clipped to ``max_norm`` however large the ratio
+    (:func:`split_ratio`).
     """
     clipped = jnp.isfinite(norm) & (norm > max_norm)
-    factor = max_norm / jnp.where(clipped, norm, jnp.ones_like(norm))
-    return scale_where(tree, clipped, factor), clipped
+    pre, factor = split_ratio(max_norm, jnp.where(clipped, norm, jnp.ones_like(norm)))
+    return scale_where(tree, clipped, factor, pre), clipped
 
 
 def map_unzip(fn: Any, tree: Any, *rest: Any, n: int) -> tuple[Any, ...]:

@@ -204,15 +204,16 @@ def test_overflowing_gradient_gives_finite_output(entry):
     _assert_finite(u)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 10 point 5, other branch")
 @pytest.mark.parametrize("name", ["clip_by_norm", "clip_by_norm_leaf"])
 def test_overflowing_gradient_is_clipped_to_the_limit(name):
     params, g = _params(), _grads()
     g = {"w": g["w"].at[0, 0].set(1e30), "b": g["b"]}
     u, _ = _step(name)(g, _tx(name).init(params), params, LOSS)
     limit = next(e for e in ENTRIES if e.name == name).kwargs["max_norm"]
-    # Global: the tree's norm; per leaf: each leaf's norm is at most the limit.
-    assert _norm(u["w"]) <= limit * (1 + 1e-5)
+    # Clipped to the limit, not passed through and not zeroed: the 1e30 leaf
+    # dominates, so in both scopes the "w" leaf's norm is the limit (global:
+    # b's share of the tree norm is ~1e-30 of it).
+    np.testing.assert_allclose(_norm(u["w"]), limit, rtol=1e-5)
 
 
 # ------------------------------------------------------- 4, 5. tiny values

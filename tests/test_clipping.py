@@ -16,6 +16,7 @@ import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from absl.testing import parameterized
 from hypothesis import strategies as st
@@ -383,13 +384,22 @@ class ClipByNormTest(parameterized.TestCase):
         np.testing.assert_allclose(u["a"], [0.6, 0.8], rtol=1e-6)
         assert state.pre_clip_norm == 5.0 and state.clipped_steps == 1
 
-    def test_a_norm_overflowing_float32_counts_as_nonfinite(self):
+    def test_finite_gradient_whose_squares_overflow_is_clipped_to_its_limit(self):
+        # Issue 10.5: 3e30**2 overflows float32, the norm 5e30 does not.
         g = {"a": jnp.array([3e30, 0.0]), "b": jnp.array([-4e30])}
-        for scope in ("global", "leaf"):
+        expected = {
+            "global": ({"a": [0.6, 0.0], "b": [-0.8]}, 5e30),
+            "leaf": ({"a": [1.0, 0.0], "b": [-1.0]}, {"a": 3e30, "b": 4e30}),
+        }
+        for scope, (want, norm) in expected.items():
             u, state = _clip_fn(scope)(g, 1.0)
-            chex.assert_trees_all_equal(u, g)
-            assert not np.any(np.isfinite(jax.tree.leaves(state.pre_clip_norm)))
-            assert state.clipped_steps == 0
+            for k in g:
+                np.testing.assert_allclose(u[k], want[k], rtol=1e-6)
+            got = jax.tree.map(float, state.pre_clip_norm)
+            np.testing.assert_allclose(
+                jax.tree.leaves(got), jax.tree.leaves(norm), rtol=1e-6
+            )
+            assert state.clipped_steps == 1
 
     def test_bf16_gradients_are_clipped_by_their_true_norm(self):
         # 1000 leaves of ones(1000): the true norm is 1000. A bfloat16 sum of
@@ -540,3 +550,110 @@ class BadHyperparametersTest(parameterized.TestCase):
     def test_rejects(self, factory, kwargs, name):
         with pytest.raises(ValueError, match=f"`{name}`.*got"):
             factory(**kwargs)
+
+
+# ------------------------------------- range: huge finite and complex gradients
+# Issue 10.5: a finite gradient is always clipped to its limit, whatever its
+# magnitude; only NaN/Inf is non-finite. Issue 10.4: norms use |z|**2 and a
+# complex update stays complex. float32 rounding bounds every closed form
+# below to a few 2**-24: rtol 1e-6.
+HUGE = {"a": jnp.array([3e30, 0.0]), "b": jnp.array([-4e30])}  # norm 5e30
+
+
+@pytest.mark.parametrize(
+    ("grad", "max_norm", "want"),
+    [
+        ([3e30, 4e30], 1.0, [0.6, 0.8]),
+        ([3e-30, 4e-30], 1e-30, [0.6e-30, 0.8e-30]),  # squares flush to 0
+        ([3e38, 0.0], 1.0, [1.0, 0.0]),  # 1 / 3e38 is subnormal
+        ([3e30, 4e30], 1e-20, [0.6e-20, 0.8e-20]),  # ratio 2e-51
+    ],
+)
+def test_clip_by_norm_clips_any_finite_gradient_to_its_limit(grad, max_norm, want):
+    g = jnp.asarray(grad, jnp.float32)
+    for scope in ("global", "leaf"):
+        u, state = _clip_fn(scope)({"g": g}, max_norm)
+        np.testing.assert_allclose(u["g"], want, rtol=1e-6)
+        assert state.clipped_steps == 1
+
+
+@pytest.mark.parametrize("scope", ["global", "leaf"])
+def test_clip_by_norm_of_complex_uses_the_modulus_and_stays_complex(scope):
+    g = {"z": jnp.array([3 + 4j, 0j], jnp.complex64)}
+    u, state = _clip_fn(scope)(g, 1.0)
+    assert u["z"].dtype == jnp.complex64
+    np.testing.assert_allclose(u["z"], [0.6 + 0.8j, 0j], rtol=1e-6)
+    np.testing.assert_allclose(jax.tree.leaves(state.pre_clip_norm), 5.0)
+    u, _ = _clip_fn(scope)(g, 10.0)  # below the limit: bit for bit
+    np.testing.assert_array_equal(u["z"], g["z"])
+
+
+def test_history_clippers_clip_a_huge_finite_step_and_count_it_finite():
+    ones = {"a": jnp.array([0.6, 0.0]), "b": jnp.array([-0.8])}  # norm 1
+    cases = {
+        # median of (1, 1, 5e30) is 1
+        "autoclip": optax_stab.autoclip(50.0, history=3),
+        # max_norm applies during warm-up
+        "zscore_clip": optax_stab.zscore_clip(warmup_steps=5, max_norm=1.0),
+        # warm-up: the global norm is clipped at warmup_max_norm
+        "adaptive_tensor_clip": optax_stab.adaptive_tensor_clip(warmup_steps=5),
+    }
+    for name, tx in cases.items():
+        update = jax.jit(tx.update)
+        state = tx.init(ones)
+        for _ in range(2):
+            _, state = update(ones, state)
+        u, state = update(HUGE, state)
+        np.testing.assert_allclose(u["a"], [0.6, 0.0], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(u["b"], [-0.8], rtol=1e-6, err_msg=name)
+        assert int(state.clipped_steps) == 1, name
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state)), name
+        if "count" in state._fields:
+            assert int(state.count) == 3, name  # a finite step
+
+
+def test_health_monitor_and_spike_guard_see_a_huge_step_as_finite():
+    health = optax_stab.health_monitor()
+    _, hs = health.update(HUGE, health.init(HUGE))
+    np.testing.assert_allclose(float(hs.grad_norm), 5e30, rtol=1e-6)
+    np.testing.assert_allclose(float(hs.leaf_norms["b"]), 4e30, rtol=1e-6)
+    assert int(hs.nonfinite_leaves) == 0 and int(hs.health_step) == 1
+    # spike_guard: after a constant norm-1 history the step is a spike, not a
+    # non-finite step; "rescale" scales it to the threshold, 1.1 (mean plus
+    # min_relative=0.1 of it, which beats 6 * the floored std 1e-3).
+    tx = optax_stab.spike_guard(
+        optax.sgd(1.0), action="rescale", warmup_steps=3, watch="grad_norm"
+    )
+    ones = {"a": jnp.array([0.6, 0.0]), "b": jnp.array([-0.8])}
+    update = jax.jit(tx.update)
+    state = tx.init(ones)
+    for _ in range(4):
+        _, state = update(ones, state)
+    u, state = update(HUGE, state)
+    assert int(state.nonfinite_steps) == 0 and int(state.spike_steps) == 1
+    np.testing.assert_allclose(u["a"], [-0.66, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(u["b"], [0.88], rtol=1e-6)
+
+
+def test_spike_clip_after_a_huge_warmup_step_still_clips_that_coordinate():
+    # theta 4, decay 0.5, warm-up 1. Squares enter nu clamped at
+    # M = finfo.max / (2 * 4) (the docstring's "Range"), so theta * nu stays
+    # finite. Reference in float64 with that clamp; without it nu is Inf and
+    # coordinate 0 would never be clipped again.
+    theta, beta, fmax = 4.0, 0.5, float(np.finfo(np.float32).max)
+    ceiling = fmax / (2 * theta)
+    tx = optax_stab.spike_clip(theta, decay=beta, warmup_steps=1)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    steps = [[1e30, 2.0], [1e30, -100.0], [-1e25, 1.0]]
+    nu = np.zeros(2)
+    for t, g in enumerate(steps):
+        g = np.asarray(g, np.float64)
+        cap2 = theta * nu
+        spike = (t >= 1) & (nu > 0) & (g**2 > cap2)
+        want = np.where(spike, np.sign(g) * np.sqrt(cap2), g)
+        nu = beta * nu + (1 - beta) * np.minimum(np.where(spike, cap2, g**2), ceiling)
+        u, state = update(jnp.asarray(g, jnp.float32), state)
+        np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=f"step {t}")
+        np.testing.assert_allclose(state.nu, nu, rtol=1e-6, err_msg=f"step {t}")
+    assert int(state.clipped_steps) == 2  # coordinate 0 at steps 1 and 2

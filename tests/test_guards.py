@@ -321,15 +321,30 @@ def test_min_relative_keeps_small_rises_of_a_smooth_loss(min_relative, loss, spi
     ],
     ids=["skip", "rescale", "reset", "nonfinite"],
 )
-def test_update_has_no_callback_and_no_cond(tx):
+def test_update_has_no_callback_and_no_cond_around_state_or_updates(tx):
+    # The guard's decision is a select; the only conds allowed are the norm
+    # helper's rescue of an over- or underflowing sum of squares (_tree's
+    # module note), whose outputs are scalars.
     params = _params()
-    jaxpr = str(
-        jax.make_jaxpr(lambda g, s: tx.update(g, s, params, loss=jnp.float32(1.0)))(
-            params, tx.init(params)
-        )
-    )
-    for primitive in ("callback", "cond", "while"):
-        assert primitive not in jaxpr
+    closed = jax.make_jaxpr(
+        lambda g, s: tx.update(g, s, params, loss=jnp.float32(1.0))
+    )(params, tx.init(params))
+    text = str(closed)
+    for primitive in ("callback", "while"):
+        assert primitive not in text
+
+    def conds(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                yield eqn
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                    if hasattr(sub, "eqns"):
+                        yield from conds(sub)
+
+    for eqn in conds(closed.jaxpr):
+        assert all(v.aval.shape == () for v in eqn.outvars), eqn
 
 
 # ------------------------------------------------------------ guard_nonfinite

@@ -8,6 +8,7 @@ import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -106,3 +107,121 @@ def test_map_unzip_and_any_leaf():
     assert bool(_tree.any_leaf(neg)) and not bool(_tree.any_leaf({"b": neg["b"]}))
     assert _tree.map_unzip(lambda x: (x, x), {}, n=2) == ({}, {})
     assert not bool(_tree.any_leaf({}))
+
+
+# ------------------------------------------- range: overflow, underflow, complex
+# Issue 10.4/10.5. References are float64 norms of the float32 (or bfloat16)
+# inputs. Tolerance: a float32 sum of n non-negative squares is within
+# (n + 1) * 2**-24 of the exact one (each square and add rounds once; the
+# power-of-two rescaling is exact), the sqrt halves that and adds 2**-24;
+# elements lost to underflow add at most 2**-62 relative. For n <= 9 that is
+# under 4e-7; rtol 1e-6 leaves room without hiding a lost or doubled term.
+RANGE_RTOL = 1e-6
+_norms = jax.jit(lambda t: (_tree.global_norm(t), _tree.leaf_norms(t)))
+
+
+def _ref(x) -> float:
+    return float(np.linalg.norm(np.asarray(x).astype(np.complex128).ravel()))
+
+
+RANGE_CASES = {
+    "huge": {"a": np.full(4, 1e30, np.float32), "b": np.float32([3e30, -4e30])},
+    "tiny": {"a": np.full(4, 1e-30, np.float32), "b": np.float32([3e-30, -4e-30])},
+    "mixed": {"a": np.float32([1e30, 1e-30]), "b": np.float32([1e-30, -2e-30])},
+    "near_max": {
+        "a": np.float32([3e38, 0.0]),
+        "b": np.float32([2e-38]),
+    },  # normal: 1.2e-38 and up
+    "complex": {
+        "a": np.complex64([3 + 4j, 1e30 - 1e30j]),
+        "b": np.complex64([1e-30j, 2e-30]),
+    },
+    "bf16": {
+        "a": jnp.asarray([1e30, -1e30], jnp.bfloat16),
+        "b": jnp.asarray([1e-30, 3e-30], jnp.bfloat16),
+    },
+}
+
+
+@pytest.mark.parametrize("case", RANGE_CASES, ids=str)
+def test_huge_tiny_mixed_complex_and_bf16_norms_match_float64(case):
+    tree = RANGE_CASES[case]
+    g, leaf = _norms(tree)
+    flat = np.concatenate(
+        [np.asarray(x).astype(np.complex128).ravel() for x in tree.values()]
+    )
+    np.testing.assert_allclose(float(g), _ref(flat), rtol=RANGE_RTOL)
+    for k, x in tree.items():
+        np.testing.assert_allclose(float(leaf[k]), _ref(x), rtol=RANGE_RTOL)
+
+
+def test_complex_norm_uses_the_modulus():
+    assert float(_tree.global_norm([jnp.array([3 + 4j], jnp.complex64)])) == 5.0
+
+
+def test_a_norm_beyond_float32_max_is_inf_and_nan_stays_nan():
+    g, leaf = _norms({"a": np.float32([3e38, 3e38]), "b": np.float32([np.nan])})
+    assert np.isnan(float(g)) and np.isinf(float(leaf["a"]))
+    assert np.isnan(float(leaf["b"]))
+    g, _ = _norms({"a": np.float32([3e38, 3e38]), "b": np.float32([1.0])})
+    assert np.isinf(float(g))
+
+
+# Values sign * m * 10**e, e in [-30, 30]: every draw spans the fast path, the
+# overflow rescue and the underflow rescue, alone or mixed in one tree.
+range_values = st.tuples(
+    st.sampled_from([-1.0, 1.0]), st.floats(1.0, 9.99), st.integers(-30, 30)
+).map(lambda t: t[0] * t[1] * 10.0 ** t[2])
+
+
+@hypothesis.given(
+    w=st.lists(range_values, min_size=6, max_size=6),
+    b=st.lists(range_values, min_size=3, max_size=3),
+)
+def test_norms_of_values_from_1e_30_to_1e30_match_float64(w, b):
+    tree = {
+        "b": np.asarray(b, np.float32),
+        "w": np.asarray(w, np.float32).reshape(2, 3),
+    }
+    g, leaf = _norms(tree)
+    whole = np.concatenate([tree["b"], tree["w"].ravel()])
+    np.testing.assert_allclose(float(g), _ref(whole), rtol=RANGE_RTOL)
+    for k in tree:
+        np.testing.assert_allclose(float(leaf[k]), _ref(tree[k]), rtol=RANGE_RTOL)
+
+
+def test_vmap_and_gradient_of_a_rescued_norm():
+    # Under vmap the rescue's cond is a select: rows of every range at once.
+    rows = jnp.array([[3e30, 4e30], [3.0, 4.0], [3e-30, 4e-30], [0.0, 0.0]])
+    norms = jax.jit(jax.vmap(_tree.global_norm))(rows)
+    np.testing.assert_allclose(norms, [5e30, 5.0, 5e-30, 0.0], rtol=RANGE_RTOL)
+    # d|x|/dx = x / |x| whatever the scale, 0 (not NaN) at 0.
+    grads = jax.jit(jax.vmap(jax.grad(_tree.global_norm)))(rows)
+    want = [[0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.0, 0.0]]
+    np.testing.assert_allclose(grads, want, rtol=RANGE_RTOL)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_axis_name_rescue_sums_scaled_squares_across_shards(scale):
+    x = scale * jax.random.normal(jax.random.key(1), (8, 3))
+    tree = {"x": x}
+
+    @functools.partial(
+        jax.shard_map, mesh=_mesh(), in_specs=P("d"), out_specs=(P(), P())
+    )
+    def sharded(t):
+        return _tree.global_norm(t, axis_name="d"), _tree.leaf_norms(t, axis_name="d")[
+            "x"
+        ]
+
+    g, leaf = sharded(jax.device_put(tree, NamedSharding(_mesh(), P("d"))))
+    ref = _ref(x)
+    # 24 squares: (24 + 1) * 2**-24 / 2 + 2**-24 < 1e-6.
+    np.testing.assert_allclose([float(g), float(leaf)], [ref, ref], rtol=RANGE_RTOL)
+
+
+def test_all_finite_on_complex_parts_whose_modulus_overflows():
+    z = jnp.array([3e38 + 3e38j], jnp.complex64)  # |z| = 4.2e38 > float32 max
+    assert bool(_tree.all_finite([z]))
+    assert not bool(_tree.all_finite([z, jnp.array([1j * jnp.inf], jnp.complex64)]))
+    assert float(_tree.max_abs([z])) == np.float32(3e38)
