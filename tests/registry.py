@@ -108,6 +108,19 @@ class Entry(NamedTuple):
         return self.factory(**{**self.kwargs, **overrides})
 
 
+def _guard_of_spike_guard(*, axis_name: Any = None):
+    """``guard_nonfinite(spike_guard(...))``; ``axis_name`` goes to both guards."""
+    inner = optax_stab.spike_guard(
+        GUARD_INNER,
+        window=3,
+        z_threshold=1.0,
+        warmup_steps=1,
+        watch="loss",
+        axis_name=axis_name,
+    )
+    return optax_stab.guard_nonfinite(inner, axis_name=axis_name)
+
+
 ENTRIES: list[Entry] = [
     # ---------------------------------------------------------------- _smoothing
     Entry(
@@ -311,12 +324,8 @@ ENTRIES: list[Entry] = [
     # A guard forwards ``loss=`` to the transform it wraps.
     Entry(
         "guard_nonfinite_of_spike_guard",
-        optax_stab.guard_nonfinite,
-        {
-            "inner": optax_stab.spike_guard(
-                GUARD_INNER, window=3, z_threshold=1.0, warmup_steps=1, watch="loss"
-            )
-        },
+        _guard_of_spike_guard,
+        {},
         descent=GUARDED._replace(like=None),
         reads_loss=True,
     ),
