@@ -79,9 +79,7 @@ def make_tx(axis_name: str | None = None, learning_rate: float = 3e-3):
         optax_stab.zscore_clip(max_norm=1.0, axis_name=axis_name),
         optax.adamw(learning_rate, weight_decay=1e-4),
     )
-    return optax_stab.spike_guard(
-        inner, window=16, warmup_steps=8, axis_name=axis_name
-    )
+    return optax_stab.spike_guard(inner, window=16, warmup_steps=8, axis_name=axis_name)
 
 
 def init_params(seed: int = 0) -> dict[str, dict[str, Any]]:
@@ -287,11 +285,16 @@ def train(
     nan_step: int | None = None,
     spike_step: int | None = None,
     checkpoint: str | None = None,
+    hlo: bool = False,
 ) -> dict[str, Any]:
-    """Trains and returns host results: ``losses``, ``params``, ``report``,
-    ``counters``; the params/state stay sharded over ``mesh`` until fetched."""
+    """Trains for ``steps`` steps on ``mesh`` (default: every device).
+
+    Returns host values (``losses`` per step, final ``params``, the health
+    ``report`` and the guard/clip ``counters``), the final sharded
+    ``sharded_params`` and ``sharded_state``, and with ``hlo`` the compiled
+    step's HLO text as ``hlo``.
+    """
     import jax.numpy as jnp
-    import numpy as np
 
     import optax_stab
 
@@ -307,8 +310,10 @@ def train(
     losses = []
     for t in range(steps):
         x, y = _put(mesh, (xs[t], ys[t]), (batch, batch))
-        params, state, loss = step(params, state, x, y, jnp.int32(t))
+        args = (params, state, x, y, jnp.int32(t))
+        params, state, loss = step(*args)
         losses.append(loss)
+    text = step.lower(*args).compile().as_text() if hlo and steps else None
     if checkpoint is not None:
         _checkpoint_roundtrip(checkpoint, params, state)
     host_params, host_state, host_losses = _fetch((params, state, losses))
@@ -320,6 +325,9 @@ def train(
         "report": report,
         "counters": {k: int(report[k]) for k in keys if k in report},
         "mesh": dict(mesh.shape),
+        "sharded_params": params,
+        "sharded_state": state,
+        "hlo": text,
     }
 
 
@@ -412,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{who}] mesh {out['mesh']}, mode {args.mode}")
     print(f"[{who}] final loss {out['losses'][-1]:.6f}")
     print(f"[{who}] counters {out['counters']}")
-    print(f"[{who}] health report {out['report']}")
+    report = {k: v for k, v in out["report"].items() if "/" not in k}
+    print(f"[{who}] health report (per-leaf keys left out) {report}")
     if args.checkpoint is not None:
         print(f"[{who}] checkpoint saved and restored: equal")
     if args.json is not None:
-        name = args.json if args.process_id is None else f"{args.json}.{args.process_id}"
+        name = (
+            args.json if args.process_id is None else f"{args.json}.{args.process_id}"
+        )
         result = {
             "process": jax.process_index(),
             "losses": out["losses"],
