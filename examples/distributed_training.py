@@ -19,9 +19,11 @@ along its first axis over ``fsdp``. Two modes compute the same step:
   (the slices of one gradient); ``loss=`` is the global loss.
 
 Faults for the tests: ``--nan-step K`` puts a NaN, ``--spike-step K`` adds a
-large spike, into the gradient of ONE device (data index 0, the fsdp slice
-holding rows 8-15 of every leaf) at step ``K``. Every device must skip that
-step, and every process must print the same counters.
+large spike (+10 per element), into rows 8-15 of every gradient leaf at step
+``K``: under ``shard_map`` ONE device adds it (data index 0, the fsdp slice
+holding those rows) before the data-parallel mean; under GSPMD it is added to
+the global gradient's rows, the same values. Every device must skip that step,
+and every process must print the same counters.
 
 Single process on 8 simulated CPU devices, or two local processes with 4 each
 (``jax.distributed`` with the gloo CPU collectives; the same code runs with
@@ -51,6 +53,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("gspmd", "shard_map"), default="gspmd")
     parser.add_argument("--devices", type=int, default=8, help="CPU devices/process")
+    parser.add_argument(
+        "--backend",
+        default="cpu",
+        help="'cpu' (simulated devices, gloo) or 'gpu'/'tpu'",
+    )
     parser.add_argument("--processes", type=int, default=1, choices=(1, 2))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--data", type=int, default=None, help="data axis size")
@@ -242,13 +249,20 @@ def build(mode: str, mesh, nan_step=None, spike_step=None, tx=None):
         full = jax.tree.map(
             lambda p: jax.lax.all_gather(p, "fsdp", axis=0, tiled=True), params
         )
+        # Each device's own gradient of its data shard: marked varying over
+        # "data" (else shard_map's AD would psum it over "data" implicitly).
+        full = jax.lax.pcast(full, "data", to="varying")
         loss, grads = jax.value_and_grad(loss_fn)(full, x, y)
         # ONE device (data index 0) injects the fault, into its own fsdp
         # slice, before the data-parallel mean (scaled so the mean adds it).
         d, f = jax.lax.axis_index("data"), jax.lax.axis_index("fsdp")
         mine = faulty & (rows // local_rows == f) & (d == 0)
         grads = _add_rows(grads, mine, n_data * fault(t, nan_step, spike_step))
-        loss, grads = jax.lax.pmean((loss, grads), "data")
+        grads = jax.lax.pmean(grads, "data")
+        # The loss is already equal on every fsdp device (all of them see the
+        # full params); the mean over fsdp too marks it replicated for
+        # shard_map's check (check_vma) and changes it only by rounding.
+        loss = jax.lax.pmean(loss, ("data", "fsdp"))
         grads = jax.tree.map(
             lambda g: jax.lax.dynamic_slice_in_dim(g, f * local_rows, local_rows),
             grads,
@@ -262,7 +276,7 @@ def build(mode: str, mesh, nan_step=None, spike_step=None, tx=None):
         mesh=mesh,
         in_specs=(pspecs, sspecs, batch, batch, P()),
         out_specs=(pspecs, sspecs, P()),
-        check_vma=False,
+        check_vma=True,
     )
     return init, jax.jit(mapped, out_shardings=(psh, ssh, rep))
 
@@ -394,15 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.processes > 1 and args.process_id is None:
         return _launch(argv, args)
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={args.devices}"
-    )
+    if args.backend == "cpu":
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.devices}"
+        )
     import jax
 
-    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_platforms", args.backend)
     if args.process_id is not None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if args.backend == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=f"127.0.0.1:{args.port}",
             num_processes=args.processes,
