@@ -169,5 +169,5 @@ def test_step_gathers_no_more_than_plain_adamw():
     count, nbytes = _all_gathers(result["hlo"])
     # FSDP gathers the 24 weight matrices for the forward and backward passes.
     assert plain_count >= dt.LAYERS and plain_bytes >= dt.LAYERS * 4 * dt.WIDTH**2
-    assert (count, nbytes) <= (plain_count, plain_bytes)
-    assert nbytes <= plain_bytes
+    # With the state replicated instead, the step gathers 143 times, 395 KB.
+    assert count <= plain_count and nbytes <= plain_bytes
