@@ -88,7 +88,7 @@ def test_tiny_run_times_every_case_against_its_twin(tmp_path, capsys):
     assert "PASS" in out or "MISS" in out
 
 
-def test_tiny_compile_table(capsys):
+def test_tiny_compile_table(capsys, no_compilation_cache):
     rows = _bench.main(["--compile", "--compile-leaves", "8,4"])
     by_name = {r["case"]: r for r in rows}
     assert {"optax.ema(0.9)", "optax.adam(1e-3)", "spike_guard(adam)"} <= set(by_name)

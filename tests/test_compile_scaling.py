@@ -65,7 +65,9 @@ def _compile_seconds(make, n: int) -> float:
     return best
 
 
-def test_ema_smoothing_compiles_within_a_few_times_optax_ema_at_512_leaves():
+def test_ema_smoothing_compiles_within_a_few_times_optax_ema_at_512_leaves(
+    no_compilation_cache,
+):
     import optax_stab
 
     ours = _compile_seconds(lambda: optax_stab.ema_smoothing(0.9), 512)
