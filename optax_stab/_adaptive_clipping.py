@@ -244,7 +244,7 @@ def zscore_clip(
         if max_norm is not None:
             limit = jnp.minimum(limit, _numerics.as_stat(max_norm))
         updates, clipped = _tree.clip_to_norm(updates, norm, limit)
-        e_mean = beta * mean + (1 - beta) * z_clipped
+        e_mean = _numerics.ema(mean, z_clipped, beta)
         e_var = beta * var + (1 - beta) * jnp.square(z_clipped - e_mean)
         new_mean = jnp.where(finite, jnp.where(warm, w_mean, e_mean), mean)
         new_var = jnp.where(finite, jnp.where(warm, w_var, e_var), var)
@@ -382,7 +382,7 @@ def adaptive_tensor_clip(
             pre, scale = _tree.split_ratio(jnp.where(warm, lam, limit), den)
             out = _tree.scale_where(u, clip, scale, pre)
             new_norm = jnp.where(clip, n * pre * scale, n)
-            ema = beta * gamma + (1 - beta) * new_norm
+            ema = _numerics.ema(gamma, new_norm, beta)
             running_min = jnp.where(first, new_norm, jnp.minimum(gamma, new_norm))
             new_gamma = jnp.where(warm, running_min, ema)
             return out, jnp.where(finite, new_gamma, gamma), clip

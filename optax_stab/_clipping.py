@@ -269,7 +269,7 @@ def spike_clip(
             # capped**2 is cap2: the sqrt stays in one kernel (``out``'s).
             # Clamped, so theta * nu stays finite ("Range" in the docstring).
             sq = jnp.minimum(jnp.where(spike, cap2, jnp.square(x)), _nu_ceiling(nu, x))
-            ema = beta * v + (1 - beta) * sq
+            ema = _numerics.ema(v, sq, beta)
             return out, jnp.where(finite, ema, v).astype(nu.dtype)
 
         out, nu = _tree.map_unzip(leaf, updates, state.nu, n=2)

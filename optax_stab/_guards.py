@@ -115,8 +115,8 @@ def _bounded_run(
 
 def _skip_fraction(fraction: jax.Array, skipped: jax.Array) -> jax.Array:
     """EMA update of the fraction of skipped steps (float32 scalar)."""
-    d = SKIP_FRACTION_DECAY
-    return (d * fraction + (1 - d) * skipped.astype(jnp.float32)).astype(jnp.float32)
+    skipped = skipped.astype(jnp.float32)
+    return _numerics.ema(fraction, skipped, SKIP_FRACTION_DECAY).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- nonfinite
@@ -308,7 +308,7 @@ def _history_test(ring, x, ready, z_threshold, min_relative):
     mean, std = _ring.masked_mean_std(ring)
     sigma = _numerics.floored_std(mean, std)
     active = ready & (ring.filled >= 2)
-    z = jnp.where(active, (x - mean) / sigma, jnp.zeros_like(x))
+    z = jnp.where(active, _numerics.zscore(x, mean, std), jnp.zeros_like(x))
     limit = mean + jnp.maximum(z_threshold * sigma, min_relative * jnp.abs(mean))
     return z, active & (x > limit), limit
 

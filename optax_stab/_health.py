@@ -139,9 +139,8 @@ def health_monitor(
         fold = (state.health_step > 0) & jnp.isfinite(prev)
         k = jnp.maximum(state.health_step - 1, 0).astype(jnp.float32)
         b = jnp.minimum(beta, k / (k + 1))
-        delta = jnp.where(fold, prev - state.norm_ema, 0)
-        ema = state.norm_ema + (1 - b) * delta
-        var = b * (state.norm_var_ema + (1 - b) * jnp.square(delta))
+        value = jnp.where(fold, prev, state.norm_ema)  # no fold: delta = 0
+        ema, var = _numerics.ema_mean_var(state.norm_ema, state.norm_var_ema, value, b)
         var = jnp.minimum(var, jnp.finfo(jnp.float32).max)  # finite huge norms
 
         new_state = HealthState(

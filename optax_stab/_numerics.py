@@ -54,6 +54,28 @@ def zscore(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
     return (x - mean) / floored_std(mean, std)
 
 
+def ema(average: Any, value: Any, decay: Any) -> Any:
+    """The one EMA step of the library: ``decay * average + (1 - decay) * value``.
+
+    Used for every exponential moving average (gradients, second moments,
+    norm statistics, skip fractions), so all have the same rounding.
+    """
+    return decay * average + (1 - decay) * value
+
+
+def ema_mean_var(
+    mean: jax.Array, var: jax.Array, value: jax.Array, decay: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    r"""Incremental EMA mean and variance of a scalar stream (West, 1979).
+
+    With :math:`\delta = x - \mu`: :math:`\mu \leftarrow \mu + (1-\beta)\delta`
+    and :math:`\sigma^2 \leftarrow \beta(\sigma^2 + (1-\beta)\delta^2)`, the
+    exponentially weighted variance about the running mean.
+    """
+    delta = value - mean
+    return mean + (1 - decay) * delta, decay * (var + (1 - decay) * jnp.square(delta))
+
+
 def compute_dtype(dtype: Any) -> jnp.dtype:
     """float32, or ``dtype`` itself if it is a wider float (float64) or complex.
 

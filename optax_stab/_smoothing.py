@@ -114,11 +114,11 @@ def ema_smoothing(
             # float32, or the leaf's wider or complex dtype (complex stays complex).
             ct = _numerics.compute_dtype(g.dtype)
             b = beta.astype(ct)
-            return b * m.astype(ct) + (1 - b) * g.astype(ct)
+            return _numerics.ema(m.astype(ct), g.astype(ct), b)
 
         new = jax.tree.map(average, state.ema, updates)
         count = _numerics.increment_if(finite, state.count)
-        weight = beta * state.weight + (1 - beta)
+        weight = _numerics.ema(state.weight, 1.0, beta)
         bias = weight if debias else jnp.ones([], jnp.float32)
         ema = _tree.select(finite, _tree.cast_like(new, state.ema), state.ema)
 
