@@ -303,6 +303,20 @@ class SpikeGuardState(NamedTuple):
     norm_history: _ring.RingBuffer
 
 
+class _Detection(NamedTuple):
+    """What :func:`spike_guard`'s detect step found (float32 / bool scalars)."""
+
+    norm: jax.Array  # global norm of the updates
+    norm_z: jax.Array
+    norm_limit: jax.Array  # the norm at the spike threshold
+    loss_z: jax.Array
+    loss_limit: jax.Array
+    nonfinite: jax.Array  # a NaN/Inf in the updates or the loss
+    acting: jax.Array  # act on this step (spike within the bound, or non-finite)
+    forced: jax.Array  # a spike applied because of max_consecutive
+    consecutive: jax.Array  # new run length of acted-on steps
+
+
 def _history_test(ring, x, ready, z_threshold, min_relative):
     """z-score of ``x`` against a scalar ring, spike flag and threshold value."""
     mean, std = _ring.masked_mean_std(ring)
@@ -489,8 +503,8 @@ def spike_guard(
             norm_history=_ring.init_scalar(window),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        loss = _loss_of(extra_args, axis_name)
+    def detect(updates, state, loss) -> _Detection:
+        """Scores the norm and loss against their histories; decides to act."""
         thr = _numerics.as_stat(z_threshold)
         rel = _numerics.as_stat(min_relative)
         ready = state.accepted_steps.astype(jnp.float32) >= _numerics.as_stat(
@@ -504,7 +518,7 @@ def spike_guard(
         spike = jnp.zeros([], bool)
         if watch in ("both", "grad_norm"):
             spike = norm_spike
-        loss_z = jnp.zeros([], jnp.float32)
+        loss_z = loss_limit = jnp.zeros([], jnp.float32)
         if loss is not None:
             nonfinite = nonfinite | ~jnp.isfinite(loss)
             loss_z, loss_spike, loss_limit = _history_test(
@@ -518,41 +532,61 @@ def spike_guard(
             max_consecutive,
             always=nonfinite,
         )
+        return _Detection(
+            norm,
+            norm_z,
+            norm_limit,
+            loss_z,
+            loss_limit,
+            nonfinite,
+            acting,
+            forced,
+            consecutive,
+        )
 
+    def act(d: _Detection, updates, state, params, extra_args):
+        """Skips, rescales or resets as ``action`` says; returns out, inner state."""
         grads, inner_state = updates, state.inner_state
-        skip = acting if action == "skip" else nonfinite
-        act = acting & ~nonfinite
+        skip = d.acting if action == "skip" else d.nonfinite
+        acted = d.acting & ~d.nonfinite
         if action == "rescale":
-            limit = jnp.where(act, norm_limit, jnp.inf)
-            grads, _ = _tree.clip_to_norm(updates, norm, limit)
+            limit = jnp.where(acted, d.norm_limit, jnp.inf)
+            grads, _ = _tree.clip_to_norm(updates, d.norm, limit)
         elif action == "reset":
             fresh = inner.init(updates if params is None else params)
             inner_state = _tree.select(
-                act, _tree.cast_like(fresh, inner_state), inner_state
+                acted, _tree.cast_like(fresh, inner_state), inner_state
             )
         out, new_inner = inner.update(grads, inner_state, params, **extra_args)
+        new_inner = _tree.select(skip, state.inner_state, new_inner)
+        return _zero_where(skip, out), new_inner, skip
+
+    def update_fn(updates, state, params=None, **extra_args):
+        loss = _loss_of(extra_args, axis_name)
+        d = detect(updates, state, loss)
+        out, inner_state, skip = act(d, updates, state, params, extra_args)
 
         # The first spike of a run enters the histories clipped to the
         # threshold, later ones as they are ("Histories" in the docstring).
-        finite = ~nonfinite
-        first = act & (state.consecutive_spikes == 0)
-        norm_in = jnp.where(first, jnp.minimum(norm, norm_limit), norm)
+        finite = ~d.nonfinite
+        first = d.acting & finite & (state.consecutive_spikes == 0)
+        norm_in = jnp.where(first, jnp.minimum(d.norm, d.norm_limit), d.norm)
         loss_history = state.loss_history
         if loss is not None:
-            loss_in = jnp.where(first, jnp.minimum(loss, loss_limit), loss)
+            loss_in = jnp.where(first, jnp.minimum(loss, d.loss_limit), loss)
             loss_history = _ring.push(loss_history, loss_in, where=finite)
-        return _zero_where(skip, out), SpikeGuardState(
-            inner_state=_tree.select(skip, state.inner_state, new_inner),
-            spike_steps=_numerics.increment_if(acting, state.spike_steps),
-            nonfinite_steps=_numerics.increment_if(nonfinite, state.nonfinite_steps),
-            consecutive_spikes=consecutive,
-            accepted_steps=_numerics.increment_if(~acting, state.accepted_steps),
+        return out, SpikeGuardState(
+            inner_state=inner_state,
+            spike_steps=_numerics.increment_if(d.acting, state.spike_steps),
+            nonfinite_steps=_numerics.increment_if(d.nonfinite, state.nonfinite_steps),
+            consecutive_spikes=d.consecutive,
+            accepted_steps=_numerics.increment_if(~d.acting, state.accepted_steps),
             applied_spike_steps=_numerics.increment_if(
-                forced, state.applied_spike_steps
+                d.forced, state.applied_spike_steps
             ),
             skip_fraction=_skip_fraction(state.skip_fraction, skip),
-            loss_z=loss_z.astype(jnp.float32),
-            norm_z=norm_z.astype(jnp.float32),
+            loss_z=d.loss_z.astype(jnp.float32),
+            norm_z=d.norm_z.astype(jnp.float32),
             loss_history=loss_history,
             norm_history=_ring.push(state.norm_history, norm_in, where=finite),
         )
