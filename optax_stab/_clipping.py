@@ -273,7 +273,7 @@ def spike_clip(
             return out, jnp.where(finite, ema, v).astype(nu.dtype)
 
         out, nu = _tree.map_unzip(leaf, updates, state.nu, n=2)
-        return _tree.select(finite, out, updates), SpikeClipState(
+        return optax.tree.where(finite, out, updates), SpikeClipState(
             count=_numerics.increment_if(finite, state.count),
             nu=nu,
             clipped_steps=_numerics.increment_if(

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_stab import _numerics, _ring, _smoothing, _tree, _validate
+from optax_stab import _numerics, _ring, _tree, _validate
 
 
 class FirSmoothingState(NamedTuple):
@@ -66,7 +66,7 @@ def ring_filter(
         finite = _tree.all_finite(updates)
         ring = _ring.push(state.ring, updates, where=finite)
         smoothed = combine(ring, updates)
-        return _smoothing.filtered(updates, smoothed, finite), state_cls(ring)
+        return optax.tree.where(finite, smoothed, updates), state_cls(ring)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -231,7 +231,7 @@ def moving_average(
         block = jax.tree.map(
             lambda x, b: jnp.where(restart, x, b + x), pushed, state.block
         )
-        block = _tree.select(finite, block, state.block)
+        block = optax.tree.where(finite, block, state.block)
         total = jax.tree.map(
             lambda x, t, b, out: jnp.where(complete, b, t + x) - out.astype(t.dtype),
             pushed,
@@ -239,7 +239,7 @@ def moving_average(
             block,
             leaving,
         )
-        total = _tree.select(finite, total, state.total)
+        total = optax.tree.where(finite, total, state.total)
 
         def mean(g, total, block, out_slot):
             # From the new sums: only their own kernels read the old ones, so
@@ -249,7 +249,7 @@ def moving_average(
 
         means = jax.tree.map(mean, updates, total, block, leaving)
         new_state = MovingAverageState(ring=ring, total=total, block=block)
-        return _smoothing.filtered(updates, means, finite), new_state
+        return optax.tree.where(finite, means, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -241,7 +241,7 @@ def guard_nonfinite(
             updates, state.inner_state, params, **extra_args
         )
         return _zero_where(skip, out), GuardNonfiniteState(
-            inner_state=_tree.select(skip, state.inner_state, inner_state),
+            inner_state=optax.tree.where(skip, state.inner_state, inner_state),
             nonfinite_steps=_numerics.increment_if(bad, state.nonfinite_steps),
             consecutive_nonfinite=consecutive,
             applied_nonfinite_steps=_numerics.increment_if(
@@ -554,11 +554,11 @@ def spike_guard(
             grads, _ = _tree.clip_to_norm(updates, d.norm, limit)
         elif action == "reset":
             fresh = inner.init(updates if params is None else params)
-            inner_state = _tree.select(
-                acted, _tree.cast_like(fresh, inner_state), inner_state
+            inner_state = optax.tree.where(
+                acted, optax.tree.cast_like(fresh, inner_state), inner_state
             )
         out, new_inner = inner.update(grads, inner_state, params, **extra_args)
-        new_inner = _tree.select(skip, state.inner_state, new_inner)
+        new_inner = optax.tree.where(skip, state.inner_state, new_inner)
         return _zero_where(skip, out), new_inner, skip
 
     def update_fn(updates, state, params=None, **extra_args):

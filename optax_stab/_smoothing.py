@@ -20,11 +20,6 @@ import optax
 from optax_stab import _numerics, _tree, _validate
 
 
-def filtered(updates: Any, smoothed: Any, finite: jax.Array) -> Any:
-    """The smoothed updates where every gradient is finite, else the gradients."""
-    return _tree.select(finite, smoothed, updates)
-
-
 # --------------------------------------------------------------------------- EMA
 class EmaSmoothingState(NamedTuple):
     """State of :func:`ema_smoothing`.
@@ -120,7 +115,7 @@ def ema_smoothing(
         count = _numerics.increment_if(finite, state.count)
         weight = _numerics.ema(state.weight, 1.0, beta)
         bias = weight if debias else jnp.ones([], jnp.float32)
-        ema = _tree.select(finite, _tree.cast_like(new, state.ema), state.ema)
+        ema = optax.tree.where(finite, optax.tree.cast_like(new, state.ema), state.ema)
 
         def out(m, stored, g):
             # From the stored EMA when it holds the float32 value exactly: then
@@ -131,7 +126,7 @@ def ema_smoothing(
 
         smoothed = jax.tree.map(out, new, ema, updates)
         weight = jnp.where(finite, weight, state.weight)
-        return filtered(updates, smoothed, finite), EmaSmoothingState(
+        return optax.tree.where(finite, smoothed, updates), EmaSmoothingState(
             count, ema, weight
         )
 

@@ -238,16 +238,6 @@ def all_finite(tree: Any, *, axis_name: Any = None) -> jax.Array:
     return ok
 
 
-def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    """Leaf-wise ``jnp.where(pred, a, b)`` of two pytrees of equal structure."""
-    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-def cast_like(tree: Any, reference: Any) -> Any:
-    """Casts each leaf of ``tree`` to the dtype of the matching ``reference`` leaf."""
-    return jax.tree.map(lambda x, r: jnp.asarray(x).astype(r.dtype), tree, reference)
-
-
 def combine_norms(norms: Any) -> jax.Array:
     """Global norm from a pytree of per-leaf norms, without overflow.
 
