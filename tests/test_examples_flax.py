@@ -21,7 +21,12 @@ def test_linen_trainstate_guarded_chain_survives_corrupted_batches():
     report = optax_stab.health_report(stable["state"])
     corrupted = 200 // example.CORRUPT_EVERY
     assert report["spike_steps"] >= corrupted - 1  # at most one inside warm-up
-    assert stable["accuracy"] > 0.9
+    # Mechanism: the guarded run skips the corrupted batches and trains as a
+    # clean run does (0.95 on the 450 held-out digits here; a non-chaotic run,
+    # so another CPU moves it by rounding, a few samples at most); the plain
+    # run applies them, its parameters go NaN and it predicts one class
+    # (chance, 0.11). 0.8 separates the two with room on both sides.
+    assert stable["accuracy"] > 0.8
     assert plain["accuracy"] < stable["accuracy"] - 0.3
     assert np.all(np.isfinite(stable["losses"]))
 
@@ -36,7 +41,9 @@ def test_nnx_optimizer_loss_reaches_spike_guard_and_health_is_logged():
     for entry in results["log"]:
         assert {"grad_norm", "spike_steps", "loss"} <= set(entry)
     assert results["log"][-1]["spike_steps"] == 5
-    assert results["mse"] < 0.6  # the target is standardised: 1.0 = predicting 0
+    # The target is standardised: 1.0 = predicting 0. A clean regression run
+    # (0.42 here, smooth, so other CPUs differ by rounding) must learn.
+    assert results["mse"] < 0.6
 
 
 def test_checkpoint_resume_is_bit_identical():

@@ -533,8 +533,11 @@ def test_nnx_guarded_training_example_quick():
     assert out["reports"][at]["spike_steps"] == 1.0
     assert out["reports"][at]["exploding"] == 1.0
     assert out["reports"][at - 20]["spike_steps"] == 0.0
-    # Training continues: clean losses after it stay at the level before it,
-    # end below the start and below the unguarded run's.
+    # Training continues: clean losses after it stay at the level before it
+    # (the skipped step left the params as they were, so only minibatch noise
+    # differs: 1.26x here vs the 2x bound), end below the start (2x margin
+    # here) and below the unguarded run's, which applied the 1e5x-loss step
+    # (7.6x margin here).
     assert out["losses"][at] > 1e3 * out["loss_before"]
     assert out["max_clean_loss_after"] < 2 * out["loss_before"]
     assert out["final_loss"] < 0.1 * out["losses"][0]
