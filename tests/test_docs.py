@@ -15,7 +15,11 @@ import pytest
 
 import optax_stab
 
-pytest.importorskip("griffe")
+NO_DOCS_EXTRA = "the docs extra is not installed (.ci/run installs it)"
+pytest.importorskip(
+    "griffe",
+    reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PUBLIC = frozenset(optax_stab.__all__)
@@ -178,8 +182,14 @@ def _build(config, site):
 
 
 def test_strict_build_renders_math_and_resolves_cross_references(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings_handlers.python")
+    pytest.importorskip(
+        "mkdocs",
+        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+    )
+    pytest.importorskip(
+        "mkdocstrings_handlers.python",
+        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+    )
     done = _build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert done.returncode == 0, done.stdout + done.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()
@@ -193,8 +203,14 @@ def test_strict_build_renders_math_and_resolves_cross_references(tmp_path):
 
 
 def test_strict_quiet_build_fails_on_an_unresolved_cross_reference(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings_handlers.python")
+    pytest.importorskip(
+        "mkdocs",
+        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+    )
+    pytest.importorskip(
+        "mkdocstrings_handlers.python",
+        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+    )
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     with open(tmp_path / "docs" / "api.md", "a") as f:
