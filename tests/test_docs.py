@@ -18,7 +18,7 @@ import optax_stab
 NO_DOCS_EXTRA = "the docs extra is not installed (.ci/run installs it)"
 pytest.importorskip(
     "griffe",
-    reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+    reason=NO_DOCS_EXTRA,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -184,11 +184,11 @@ def _build(config, site):
 def test_strict_build_renders_math_and_resolves_cross_references(tmp_path):
     pytest.importorskip(
         "mkdocs",
-        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+        reason=NO_DOCS_EXTRA,
     )
     pytest.importorskip(
         "mkdocstrings_handlers.python",
-        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+        reason=NO_DOCS_EXTRA,
     )
     done = _build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -205,11 +205,11 @@ def test_strict_build_renders_math_and_resolves_cross_references(tmp_path):
 def test_strict_quiet_build_fails_on_an_unresolved_cross_reference(tmp_path):
     pytest.importorskip(
         "mkdocs",
-        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+        reason=NO_DOCS_EXTRA,
     )
     pytest.importorskip(
         "mkdocstrings_handlers.python",
-        reason='the docs extra is not installed (pip install -e ".[docs]"); .ci/run installs it',
+        reason=NO_DOCS_EXTRA,
     )
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
