@@ -49,6 +49,8 @@ class Task:
         solved_loss: Solved when the final test loss is at or below this.
         solved_text: How "solved" is defined, in words.
         diverge_factor: Diverged above this multiple of ``baseline``.
+        sweep_lrs: Learning rates of ``optax-stab demo --sweep`` for this task,
+            log-spaced, increasing (empty: not swept).
     """
 
     name: str
@@ -69,6 +71,7 @@ class Task:
     solved_loss: float
     solved_text: str
     diverge_factor: float = 2.0
+    sweep_lrs: tuple[float, ...] = ()
 
     @property
     def diverged_loss(self) -> float:
