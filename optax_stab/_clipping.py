@@ -254,11 +254,12 @@ def spike_clip(
 
         def score(g, nu):
             # 1 where a coordinate is clipped, else 0; NaN where g is not
-            # finite: one reduction per leaf answers both tree-wide questions.
+            # finite: one sum answers both tree-wide questions.
             x, _, _, spike = spikes(g, nu)
-            return jnp.abs(x) * 0 + spike.astype(x.dtype)
+            return _tree.nonfinite_marker(x) + spike.astype(x.dtype)
 
-        top = _tree.materialised(_tree.max_abs(jax.tree.map(score, updates, state.nu)))
+        # The number of clipped coordinates, NaN after a non-finite gradient.
+        top = _tree.materialised(_tree.total(jax.tree.map(score, updates, state.nu)))
         finite = jnp.isfinite(top)
 
         def leaf(g, nu):

@@ -26,6 +26,17 @@ before fusion. So every tree-wide scalar in this module passes through
 :func:`materialised`, a ``sqrt`` that is computed once in its own fusion and
 read by the leaf fusions as a parameter. Keep new tree-wide decisions on top
 of these helpers (``tests/test_compile_scaling.py`` guards it).
+
+**Small leaves.** XLA's CPU backend emits a reduction over fewer than 4096
+elements as three kernels (the elementwise part, a partial ``reduce-window``
+and a final ``reduce``), and a larger one as a single fused kernel. A model's
+many small leaves (biases, norm scales) would then cost three compiled kernels
+and three launches each for every tree-wide scalar. :func:`reduction_groups`
+therefore reduces the leaves under :data:`SMALL_LEAF` elements together, raveled
+and concatenated per dtype (one fused kernel for all of them), and the larger
+leaves one by one; tree-wide sums (:func:`global_norm`,
+:func:`total`, :func:`all_finite`) are built on it. Per-leaf results
+(:func:`leaf_norms`) keep one reduction per leaf.
 """
 
 from __future__ import annotations
@@ -36,6 +47,31 @@ import jax
 import jax.numpy as jnp
 
 from optax_stab import _numerics
+
+SMALL_LEAF = 4096
+"""Leaves with fewer elements are reduced together (module note, "Small leaves")."""
+
+
+def reduction_groups(tree: Any) -> list[jax.Array]:
+    """The arrays whose reductions make a tree-wide sum or maximum.
+
+    Leaves of :data:`SMALL_LEAF` elements or more come back as they are; the
+    smaller ones raveled and concatenated, one array per dtype. Empty leaves
+    are dropped. Any reduction that is associative over elements (a sum, a
+    maximum) gives the same tree-wide result over these arrays as over the
+    leaves, up to the order of a float sum.
+    """
+    groups: list[jax.Array] = []
+    small: dict[Any, list[jax.Array]] = {}
+    for x in jax.tree.leaves(tree):
+        x = jnp.asarray(x)
+        if x.size >= SMALL_LEAF:
+            groups.append(x)
+        elif x.size:
+            small.setdefault(x.dtype, []).append(x.ravel())
+    for parts in small.values():
+        groups.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+    return groups
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
@@ -187,7 +223,7 @@ def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.A
     propagate, and a norm beyond float32's max (about ``3.4e38``) is Inf.
     """
     dtype = _numerics.resolve_dtype(dtype)
-    leaves = jax.tree.leaves(tree)
+    leaves = reduction_groups(tree)
 
     def total(scale=None):
         parts = (squared_norm(x, dtype, scale) for x in leaves)
@@ -196,35 +232,44 @@ def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.A
     return _rescued_norm(total(), total)
 
 
-def max_abs(tree: Any) -> jax.Array:
-    """Largest ``|x|`` over every element of every float leaf, float32 scalar.
+def total(tree: Any, fn: Any = None) -> jax.Array:
+    """Sum of ``fn(x)`` over every element of every float leaf, float32 (0 if empty).
 
-    A complex element counts the larger of ``|re|`` and ``|im|`` (its modulus
-    could overflow while both parts are finite). NaN if any element is NaN,
-    Inf if any is infinite (and none NaN), 0 for an empty tree. One fused
-    reduction per leaf; read through :func:`materialised` by tree-wide
-    consumers (see the module note).
+    ``fn`` (default: the identity) is elementwise; complex results count
+    ``re + im``. One fused reduction per
+    :func:`reduction_groups` array; read it through :func:`materialised` where
+    every leaf consumes it (see the module note). Sums, not maxima, carry the
+    tree-wide flags here: XLA:CPU (jaxlib 0.10.2) drops NaN from a ``max``
+    reduction over 4096 or more elements, while a sum keeps it.
     """
     out = jnp.zeros([], jnp.float32)
-    for x in jax.tree.leaves(tree):
-        x = jnp.asarray(x)
-        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
-            # max propagates NaN in XLA; |x| >= 0, so 0 is a neutral start.
+    for x in reduction_groups(tree):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x if fn is None else fn(x)
             if jnp.iscomplexobj(x):
-                mag = jnp.maximum(jnp.abs(jnp.real(x)), jnp.abs(jnp.imag(x)))
-            else:
-                mag = jnp.abs(x)
-            out = jnp.maximum(out, jnp.max(mag).astype(jnp.float32))
+                x = jnp.real(x) + jnp.imag(x)
+            out = out + jnp.sum(x, dtype=jnp.float32)
     return out
+
+
+def nonfinite_marker(x: jax.Array) -> jax.Array:
+    """``x * 0``: 0 where an element is finite, NaN where it is NaN or +-Inf.
+
+    A complex element is marked NaN when either part is not finite (its
+    modulus may overflow while both parts are finite; that is finite here).
+    """
+    if jnp.iscomplexobj(x):
+        return jnp.real(x) * 0 + jnp.imag(x) * 0
+    return x * 0
 
 
 def all_finite(tree: Any, *, axis_name: Any = None) -> jax.Array:
     """Boolean scalar: every element of every leaf is finite (True if empty).
 
-    Exact whatever the magnitudes (a finite ``1e30`` is finite). It reads
-    every element once (:func:`max_abs`: on CPU a ``max`` reduction fuses with
-    its ``abs`` where ``all(isfinite(x))`` takes several passes) and compiles
-    in time linear in the leaf count.
+    Exact whatever the magnitudes (a finite ``3e38`` is finite): the
+    :func:`total` of :func:`nonfinite_marker` is 0, or NaN as soon as one
+    element is not finite. It reads every element once and compiles in time
+    linear in the leaf count, with one kernel for all the small leaves.
 
     Args:
         tree: A pytree of arrays.
@@ -232,7 +277,7 @@ def all_finite(tree: Any, *, axis_name: Any = None) -> jax.Array:
             shard_map axis are AND-ed (one ``psum`` of a scalar), so a NaN in
             one device's shard makes the result False on every device.
     """
-    ok = jnp.isfinite(materialised(max_abs(tree)))
+    ok = jnp.isfinite(materialised(total(tree, nonfinite_marker)))
     if axis_name is not None:
         ok = _psum((~ok).astype(jnp.int32), axis_name) == 0
     return ok

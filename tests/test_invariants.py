@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_stab
+from optax_stab import _tree
 from tests import registry
 
 ENTRIES = registry.ENTRIES
@@ -477,6 +478,41 @@ class NonfiniteGradientsTest(chex.TestCase):
         chex.assert_tree_all_finite(
             [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
         )
+
+
+def _large_leaf_steps():
+    """Four steps on a tree with a leaf of ``_tree.SMALL_LEAF`` elements.
+
+    XLA:CPU reduces a leaf that large in one fused kernel, whose ``max``
+    drops NaN (jaxlib 0.10.2); the small-leaf tests above never reach it.
+    Step 1 has a NaN in the large leaf's last element, step 2 an Inf in its
+    first; steps 0 and 3 are finite.
+    """
+    n = _tree.SMALL_LEAF
+    ramp = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
+    params = {"big": 0.5 * ramp[::-1], "b": jnp.full((5,), 0.1)}
+    steps = [
+        {"big": (1.0 + 0.5 * i) * ramp, "b": jnp.full((5,), 0.2)} for i in range(4)
+    ]
+    steps[1]["big"] = steps[1]["big"].at[-1].set(jnp.nan)
+    steps[2]["big"] = steps[2]["big"].at[0].set(jnp.inf)
+    return params, steps
+
+
+@pytest.mark.parametrize("entry", registry.ENTRIES, ids=lambda e: e.name)
+def test_nonfinite_in_a_large_leaf_never_poisons_the_state(entry):
+    tx = optax.with_extra_args_support(entry.make())
+    params, steps = _large_leaf_steps()
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for i, g in enumerate(steps):
+        u, state = update(g, state, params, loss=jnp.float32(1.0))
+        chex.assert_tree_all_finite(u["b"])
+        if i in (0, 3):
+            chex.assert_tree_all_finite(u)
+    chex.assert_tree_all_finite(
+        [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    )
 
 
 # ------------------------------------------------------------------ descent

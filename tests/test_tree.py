@@ -224,4 +224,53 @@ def test_all_finite_on_complex_parts_whose_modulus_overflows():
     z = jnp.array([3e38 + 3e38j], jnp.complex64)  # |z| = 4.2e38 > float32 max
     assert bool(_tree.all_finite([z]))
     assert not bool(_tree.all_finite([z, jnp.array([1j * jnp.inf], jnp.complex64)]))
-    assert float(_tree.max_abs([z])) == np.float32(3e38)
+
+
+# ------------------------------------------------ small leaves reduced together
+def _mixed_tree(rng: np.random.Generator) -> dict[str, jax.Array]:
+    big = _tree.SMALL_LEAF
+    return {
+        "big": jnp.asarray(rng.standard_normal(big), jnp.float32),
+        "big2d": jnp.asarray(rng.standard_normal((2, big // 2 + 1)), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal(7), jnp.float32),
+        "scale": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
+        "scalar": jnp.float32(-2.5),
+        "half": jnp.asarray(rng.integers(-15, 16, 9), jnp.bfloat16),
+        "cplx": jnp.asarray(rng.standard_normal(4) + 1j, jnp.complex64),
+        "empty": jnp.zeros((0, 3), jnp.float32),
+    }
+
+
+def test_reduction_groups_hold_every_element_once():
+    tree = _mixed_tree(np.random.default_rng(0))
+    groups = _tree.reduction_groups(tree)
+    big = [x for x in jax.tree.leaves(tree) if x.size >= _tree.SMALL_LEAF]
+    assert len(groups) == len(big) + 3  # one concatenation per small dtype
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.complex64):
+        want = np.concatenate(
+            [np.ravel(x) for x in jax.tree.leaves(tree) if x.dtype == dtype]
+        )
+        got = np.concatenate([np.ravel(g) for g in groups if g.dtype == dtype])
+        np.testing.assert_array_equal(np.sort_complex(got), np.sort_complex(want))
+
+
+def test_norm_max_and_finiteness_over_small_and_large_leaves_match_numpy():
+    tree = _mixed_tree(np.random.default_rng(1))
+    flat = np.concatenate(
+        [np.ravel(np.asarray(x).astype(np.complex128)) for x in tree.values()]
+    )
+    # float32 sums of ~8.3K squares: relative error below 8.3e3 * 2**-24 / 2.
+    np.testing.assert_allclose(
+        float(_tree.global_norm(tree)), np.linalg.norm(flat), rtol=3e-4
+    )
+    # A sum of float32 values in [-5, 5] (with ~8.3K terms) errs by < 1e-2.
+    np.testing.assert_allclose(
+        float(_tree.total(tree)), np.sum(flat.real + flat.imag), atol=1e-2
+    )
+    assert bool(_tree.all_finite(tree))
+    for key in ("bias", "half", "cplx", "big2d"):  # a small or a large leaf
+        for bad in (np.nan, np.inf):
+            x = np.asarray(tree[key]).copy()
+            x.flat[-1] = bad
+            broken = {**tree, key: jnp.asarray(x)}
+            assert not bool(_tree.all_finite(broken)), (key, bad)
