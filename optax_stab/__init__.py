@@ -39,6 +39,7 @@ from optax_stab._smoothing import (
     amplify_slow,
     ema_smoothing,
 )
+from optax_stab._stabilize import stabilize
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,7 @@ __all__ = [
     "sign_sqrt_amplification",
     "spike_clip",
     "spike_guard",
+    "stabilize",
     "windowed_median",
     "zscore_clip",
 ]

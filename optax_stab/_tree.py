@@ -199,11 +199,14 @@ def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
         return totals
 
     def one(x, total):
-        return _rescued_norm(
-            total, lambda c: _psum(squared_norm(x, dtype, c), axis_name)
-        )
+        # Inside the rare branch every leaf is summed again, scaled by its own
+        # power of two (1 where it needs no rescue), and selected: a cond per
+        # leaf here would compile a branch computation per leaf.
+        c = _rescue_scale(total)
+        rescued = total_sqrt(_psum(squared_norm(x, dtype, c), axis_name)) / c
+        return jnp.where(_needs_rescue(total), rescued, safe_sqrt(total))
 
-    # One cond for the whole tree on the common step; one per leaf inside it.
+    # One cond for the whole tree: the common step pays one predicate.
     return jax.lax.cond(
         any_leaf(jax.tree.map(_needs_rescue, totals)),
         lambda t: jax.tree.map(one, tree, t),

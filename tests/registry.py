@@ -329,6 +329,15 @@ ENTRIES: list[Entry] = [
         descent=GUARDED._replace(like=None),
         reads_loss=True,
     ),
+    # ---------------------------------------------------------------- _stabilize
+    Entry(
+        "stabilize",
+        optax_stab.stabilize,
+        {"inner": GUARD_INNER, "max_norm": 1.0},
+        sweep=("max_norm", (0.05, 1.0, 10.0)),
+        descent=GUARDED._replace(like=None),
+        reads_loss=True,
+    ),
     # ---------------------------------------------------------------- _health
     Entry(
         "health_monitor",

@@ -129,6 +129,9 @@ TRAITS = {
     "guard_nonfinite_of_spike_guard": Traits(
         watches_loss=True, tree="inner", soak=("nonfinite_steps", "bad")
     ),
+    "stabilize": Traits(
+        watches_loss=True, tree="inner", soak=("nonfinite_steps", "bad")
+    ),
     "health_monitor": Traits(soak=("health_step", "finite")),
 }
 OURS = [e for e in ENTRIES if TRAITS[e.name].ours]
