@@ -142,20 +142,20 @@ def divergence_bars(results: dict[str, Any], path: str) -> None:
     n_tasks = max(1, len(tasks))
     height = min(0.8 / n_tasks, 0.3)
     fig, ax = plt.subplots(
-        figsize=(7.5, 1.4 + 0.2 * len(chains) * n_tasks + 0.15 * len(chains))
+        figsize=(7.5, 1.4 + 0.13 * len(chains) * n_tasks + 0.15 * len(chains))
     )
     y = np.arange(len(chains))
     for i, t in enumerate(tasks):
         pos = y + (i - (n_tasks - 1) / 2) * height
+        label = t
         for yi, c in zip(pos, chains, strict=True):
             r = results["tasks"][t]["chains"].get(c)
             if r is None:
                 continue
             rate = r["diverged_rate"] or 0.0
-            ax.barh(
-                yi, rate, height, color=f"C{i}", label=t if c == chains[0] else None
-            )
-            ax.plot(0, yi, "|", color=f"C{i}", ms=6)  # zero bars: a tick at 0
+            ax.barh(yi, rate, height, color=f"C{i}", label=label)
+            label = None  # one legend entry per task
+            ax.plot(0, yi, "D", color=f"C{i}", ms=3, clip_on=False)  # zero too
             n = len(r["final_loss_per_seed"])
             ax.text(
                 rate + 0.01, yi, f"{r['diverged_seeds']}/{n}", va="center", fontsize=7
@@ -182,6 +182,8 @@ def lr_sweep(run: sweep.SweepRun, path: str) -> None:
     sensitivity; a star marks each chain's best learning rate.
     """
     plt = _pyplot()
+    from matplotlib import ticker
+
     init = run.loss_at_init
     per_seed = np.where(np.isfinite(run.final_loss), run.final_loss, init)
     per_seed = np.minimum(per_seed, init)
@@ -213,6 +215,8 @@ def lr_sweep(run: sweep.SweepRun, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xticks(run.lrs, [f"{lr:g}" for lr in run.lrs])
     ax.minorticks_off()
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(f"learning rate of {run.task.optimizer}")
     ax.set_ylabel("final test loss")
     ax.grid(True, which="major", alpha=0.3)
