@@ -1,11 +1,13 @@
-"""Trains every chain and seed of one task in a single compiled, vmapped scan.
+"""Trains every chain, learning rate and seed of one task in one compiled scan.
 
 All chains of a task share the model, the seeds' initial parameters and the
 seeds' minibatches (a paired comparison: chain ``c`` and seed ``s`` see exactly
-the batches chain ``0`` and seed ``s`` see). Parameters are stacked as
-``[chains, seeds, ...]``: the forward and backward passes of all of them run
-as one ``jax.vmap``'d computation, then each chain applies its own optimizer
-to its ``[seeds, ...]`` slice (``jax.vmap`` over seeds). The training loop is a
+the batches chain ``0`` and seed ``s`` see), at every learning rate. Parameters
+are stacked as ``[chains, lrs, seeds, ...]`` (one learning rate in the default
+demo, a grid in ``--sweep``): the forward and backward passes of all of them
+run as one ``jax.vmap``'d computation, then each chain applies its own
+optimizer, built with a traced learning rate, to its ``[lrs, seeds, ...]``
+slice (``jax.vmap`` over learning rates and seeds). The training loop is a
 ``lax.scan`` over a chunk of steps inside ``jax.jit``; the same compiled chunk
 is called again and again so a progress bar can move between chunks.
 """

@@ -201,8 +201,10 @@ def _adding_task() -> Task:
 
 
 def _adding_lstm_task() -> Task:
-    # Adam solves it from lr 0.01 to 0.1 in 1500 steps (most seeds by step
-    # 1000); from lr 0.3 up some seeds stay at the mean, at 3 some blow up.
+    # Measured (optax-stab demo --sweep, 4 seeds): plain Adam solves it in 1500
+    # steps at lr 0.03 and 0.1 (4/4 seeds, test MSE <= 0.003) and at 0.01 on
+    # 3/4; at lr 0.3 and 1 every seed stays at the mean (MSE ~0.16), at lr 3
+    # three of four end above the divergence bound.
     return _adding(
         AddingLSTM(),
         "LSTM",
