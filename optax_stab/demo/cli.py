@@ -306,7 +306,7 @@ def train(plan: dict[str, Any], err_console: Any) -> list[Any]:
             steps = int(progress.tasks[bar].total)
             label = f"{t.name:<11} {len(plan['chains'])} chains"
             if plan["sweep"]:
-                lrs = sweep_grid(t, plan["quick"])
+                lrs = sweep.grid(t, quick=plan["quick"])
                 label += f" x {len(lrs)} lrs"
             label += f" x {plan['seeds']} seeds"
             progress.start_task(bar)
@@ -336,14 +336,6 @@ def train(plan: dict[str, Any], err_console: Any) -> list[Any]:
             runs.append(run)
             progress.stop_task(bar)
     return runs
-
-
-def sweep_grid(task: tasks_lib.Task, quick: bool) -> tuple[float, ...]:
-    """``task``'s learning-rate grid; with ``quick`` its ends and middle only."""
-    lrs = task.sweep_lrs
-    if quick and len(lrs) > 3:
-        return (lrs[0], lrs[len(lrs) // 2], lrs[-1])
-    return lrs
 
 
 def write_outputs(

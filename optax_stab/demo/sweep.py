@@ -54,6 +54,14 @@ class SweepRun:
         return float(np.mean(self.init_loss))
 
 
+def grid(task: tasks_lib.Task, *, quick: bool = False) -> tuple[float, ...]:
+    """``task``'s learning-rate grid; with ``quick`` its two ends and middle only."""
+    lrs = task.sweep_lrs
+    if quick and len(lrs) > 3:
+        return (lrs[0], lrs[len(lrs) // 2], lrs[-1])
+    return lrs
+
+
 def train_sweep(
     task: tasks_lib.Task,
     chain_names: Sequence[str],
