@@ -155,6 +155,7 @@ def test_console_script_entry_point_help_and_errors():
         "--steps",
         "--lr",
         "--quick",
+        "--sweep",
         "--out",
     ):
         assert word in help_run.stdout

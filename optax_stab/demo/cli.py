@@ -18,6 +18,7 @@ from optax_stab.demo import tasks as tasks_lib
 DEFAULT_OUT = "./optax_stab_demo"
 DEFAULT_SEEDS = 8
 QUICK_SEEDS = 4
+SWEEP_SEEDS = 4
 
 DESCRIPTION = """\
 A stability shoot-out: each task is trained under several optimizer chains
@@ -30,6 +31,9 @@ tasks:
             T=100, GRU (16 units), SGD momentum 0.9, lr 0.4, 2000 steps.
             Solved: test MSE < 0.01 on 256 held-out sequences (6%% of the
             1/6 target variance).
+  adding-lstm
+            the same problem with an LSTM (nn.OptimizedLSTMCell, 16 units),
+            Adam, lr 0.3, 1500 steps; swept by --sweep, not run by default.
   deep-mlp  scikit-learn digits, 12-layer ReLU MLP without normalisation,
             SGD momentum 0.9, lr 0.05. Solved: test cross-entropy < 0.25.
   linear    scikit-learn diabetes, linear regression on standardised data,
@@ -37,6 +41,14 @@ tasks:
 A seed diverged when its final test loss is NaN/Inf or above a bound: 2x the
 constant-predictor loss (adding, linear), 0.9x the chance-level loss
 (deep-mlp, whose failure mode is a collapse to chance).
+
+--sweep: learning-rate sensitivity (Wortsman et al. 2023). Every chain is
+trained at every learning rate of each task's grid (one program per task),
+and scored by the mean over the grid of min(final test loss, loss at init)
+minus the best such loss of any chain at any learning rate (lower is better;
+NaN/Inf counts as the loss at init). Writes lr_sweep_<task>.png and the table
+to results.md/json. Default: every task with a grid, %(sweep_seeds)d seeds.
+%(sweep_time)s
 
 chains: %(chains)s
   (each is "stabiliser, then the task's base optimizer"; recommended =
@@ -46,10 +58,22 @@ chains: %(chains)s
 """
 
 
+#: Measured time of ``optax-stab demo --sweep`` (see docs/demo.md).
+SWEEP_TIME = (
+    "Measured: 24 min for the 4 tasks x 11 chains x 6 learning rates x 4 seeds\n"
+    "(19 min of CPU time) on a 2-core CPU shared with other jobs; adding and\n"
+    "adding-lstm take 85% of it. --sweep --quick: 1.5 min (idle machine)."
+)
+
+
 def description() -> str:
     """The ``--help`` text above the flags."""
     names = textwrap.fill(", ".join(chains_lib.CHAIN_NAMES), 76, subsequent_indent="  ")
-    return DESCRIPTION % {"chains": names}
+    return DESCRIPTION % {
+        "chains": names,
+        "sweep_seeds": SWEEP_SEEDS,
+        "sweep_time": SWEEP_TIME,
+    }
 
 
 class ArgumentError(Exception):
@@ -60,8 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the demo's flags to ``parser``."""
     parser.add_argument(
         "--tasks",
-        default=",".join(tasks_lib.TASK_NAMES),
-        help="comma-separated tasks to run (default: %(default)s)",
+        default=None,
+        help=f"comma-separated tasks to run, from {', '.join(tasks_lib.TASK_NAMES)} "
+        f"(default: {','.join(tasks_lib.DEFAULT_TASKS)}; with --sweep every task "
+        "with a learning-rate grid)",
     )
     parser.add_argument(
         "--chains",
@@ -73,13 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         default=None,
         help=f"seeds per chain, trained together with jax.vmap (default: "
-        f"{DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick)",
+        f"{DEFAULT_SEEDS}; {QUICK_SEEDS} with --quick or --sweep)",
     )
     parser.add_argument(
         "--steps",
         default=None,
         help="training steps for every task (default: each task's own, 2000 for "
-        "adding, 1000 for the others; with --quick 100 for adding, 200 for the others)",
+        "adding, 1500 for adding-lstm, 1000 for the others; with --quick 100 for "
+        "adding and adding-lstm, 200 for the others)",
     )
     parser.add_argument(
         "--lr",
@@ -92,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"short run (200 steps, {QUICK_SEEDS} seeds) for a smoke test; "
         "under a minute on a laptop CPU",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="learning-rate sweep: every chain at every learning rate of each "
+        "task's grid (with --quick: 3 of them, the ends and the middle); "
+        "writes lr_sweep_<task>.png and the LR-sensitivity table",
     )
     parser.add_argument(
         "--out",
@@ -164,13 +198,36 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         ArgumentError: On any bad value, with a one-line message.
     """
-    task_names = _names(args.tasks, tasks_lib.TASK_NAMES, "tasks")
+    sweep = bool(getattr(args, "sweep", False))
+    if args.tasks is not None:
+        task_names = _names(args.tasks, tasks_lib.TASK_NAMES, "tasks")
+    elif sweep:
+        task_names = [
+            n for n in tasks_lib.TASK_NAMES if tasks_lib.get_task(n).sweep_lrs
+        ]
+    else:
+        task_names = list(tasks_lib.DEFAULT_TASKS)
+    if sweep:
+        if args.lr is not None:
+            raise ArgumentError(
+                "--lr cannot be combined with --sweep (the sweep trains at every "
+                "learning rate of each task's grid)"
+            )
+        for n in task_names:
+            if not tasks_lib.get_task(n).sweep_lrs:
+                raise ArgumentError(
+                    f"task {n!r} has no learning-rate grid for --sweep; choose "
+                    "tasks that have one"
+                )
     if args.chains.strip() == "all":
         chain_names = list(chains_lib.CHAIN_NAMES)
     else:
         chain_names = _names(args.chains, chains_lib.CHAIN_NAMES, "chains")
     seeds = _positive_int(args.seeds, "--seeds")
-    seeds = seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
+    if sweep:
+        seeds = seeds or SWEEP_SEEDS
+    else:
+        seeds = seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)
     steps = _positive_int(args.steps, "--steps")
     lrs = _learning_rates(args.lr, task_names)
     if not args.out:
@@ -182,6 +239,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "steps": steps,
         "lrs": lrs,
         "quick": bool(args.quick),
+        "sweep": sweep,
         "out": args.out,
     }
 
@@ -213,7 +271,8 @@ def train(plan: dict[str, Any], err_console: Any) -> list[Any]:
     """Trains every task of ``plan`` with a progress bar per task on stderr.
 
     Returns:
-        One :class:`optax_stab.demo.runner.TaskRun` per task, in plan order.
+        One :class:`optax_stab.demo.runner.TaskRun` per task, in plan order
+        (with ``plan["sweep"]``: one :class:`optax_stab.demo.sweep.SweepRun`).
     """
     from rich.progress import (
         BarColumn,
@@ -223,7 +282,7 @@ def train(plan: dict[str, Any], err_console: Any) -> list[Any]:
         TimeElapsedColumn,
     )
 
-    from optax_stab.demo import runner
+    from optax_stab.demo import runner, sweep
 
     task_objs = [tasks_lib.get_task(n) for n in plan["tasks"]]
     runs = []
@@ -240,28 +299,41 @@ def train(plan: dict[str, Any], err_console: Any) -> list[Any]:
             steps = plan["steps"] or (t.quick_steps if plan["quick"] else t.steps)
             # Not started: each bar's clock starts when its task does.
             bars[t.name] = progress.add_task(
-                f"{t.name:<9} (waiting)", total=steps, start=False
+                f"{t.name:<11} (waiting)", total=steps, start=False
             )
         for t in task_objs:
             bar = bars[t.name]
-            steps = progress.tasks[bar].total
-            label = f"{t.name:<9} {len(plan['chains'])} chains x {plan['seeds']} seeds"
+            steps = int(progress.tasks[bar].total)
+            label = f"{t.name:<11} {len(plan['chains'])} chains"
+            if plan["sweep"]:
+                lrs = sweep.grid(t, quick=plan["quick"])
+                label += f" x {len(lrs)} lrs"
+            label += f" x {plan['seeds']} seeds"
             progress.start_task(bar)
             progress.update(bar, description=f"{label} (compiling)")
 
             def on_progress(done, bar=bar, label=label):
                 progress.update(bar, completed=done, description=label)
 
-            runs.append(
-                runner.train_task(
+            if plan["sweep"]:
+                run = sweep.train_sweep(
+                    t,
+                    plan["chains"],
+                    lrs=lrs,
+                    seeds=plan["seeds"],
+                    steps=steps,
+                    on_progress=on_progress,
+                )
+            else:
+                run = runner.train_task(
                     t,
                     plan["chains"],
                     seeds=plan["seeds"],
-                    steps=int(steps),
+                    steps=steps,
                     lr=plan["lrs"].get(t.name, t.lr),
                     on_progress=on_progress,
                 )
-            )
+            runs.append(run)
             progress.stop_task(bar)
     return runs
 
@@ -280,7 +352,7 @@ def write_outputs(
     """
     import jax
 
-    from optax_stab.demo import plots, report
+    from optax_stab.demo import plots, report, sweep
 
     out = plan["out"]
     command = "optax-stab demo" + ("" if not argv else " " + " ".join(argv))
@@ -289,18 +361,31 @@ def write_outputs(
         "version": optax_stab.__version__,
         "jax": jax.__version__,
         "quick": plan["quick"],
+        "sweep": plan["sweep"],
         "seeds": plan["seeds"],
         "chains": plan["chains"],
         "tasks": plan["tasks"],
         "seconds": 0.0,
     }
-    results = report.summarize(runs, settings)
-    report.print_table(results, console)
-    files = plots.write_all(runs, results, out)
+    if plan["sweep"]:
+        results = report.jsonable(
+            {
+                "settings": settings,
+                "sweep": {r.task.name: sweep.summarize(r) for r in runs},
+            }
+        )
+        report.print_sweep_table(results, console)
+        files = plots.write_sweeps(runs, out)
+        markdown = report.sweep_markdown
+    else:
+        results = report.summarize(runs, settings)
+        report.print_table(results, console)
+        files = plots.write_all(runs, results, out)
+        markdown = report.markdown
     results["settings"]["seconds"] = time.perf_counter() - start
     report.write_json(results, os.path.join(out, "results.json"))
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(report.markdown(results))
+        f.write(markdown(results))
     files += ["results.json", "results.md"]
     console.print(
         f"wall time {results['settings']['seconds']:.0f} s; wrote "

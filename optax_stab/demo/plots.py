@@ -1,4 +1,5 @@
-"""PNG plots of a demo run: loss curves, gradient-norm traces, divergence rates.
+"""PNG plots of a demo run: loss curves, gradient-norm traces, divergence rates,
+and of a ``--sweep``: final loss vs learning rate.
 
 Curves are the median over seeds with the interquartile range as a band, on a
 log scale. A NaN/Inf value counts as +inf and is drawn at the top of the
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_stab.demo import runner
+from optax_stab.demo import runner, sweep
 
 
 def _pyplot():
@@ -128,30 +129,116 @@ def grad_norm_traces(run: runner.TaskRun, path: str) -> None:
 
 
 def divergence_bars(results: dict[str, Any], path: str) -> None:
-    """Divergence rate per chain (bars grouped by task)."""
+    """Diverged seeds per chain, horizontal bars grouped by chain, one per task.
+
+    Every bar is labelled with its count (``0/8`` too), so a chain that never
+    diverged is visibly zero rather than a missing bar.
+    """
     plt = _pyplot()
     tasks = list(results["tasks"])
     chains: list[str] = []
     for t in tasks:
         chains += [c for c in results["tasks"][t]["chains"] if c not in chains]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(chains) * len(tasks)), 3.8))
-    width = 0.8 / max(1, len(tasks))
-    x = np.arange(len(chains))
+    n_tasks = max(1, len(tasks))
+    height = min(0.8 / n_tasks, 0.3)
+    fig, ax = plt.subplots(
+        figsize=(7.5, 1.4 + 0.13 * len(chains) * n_tasks + 0.15 * len(chains))
+    )
+    y = np.arange(len(chains))
     for i, t in enumerate(tasks):
-        rates = [
-            results["tasks"][t]["chains"].get(c, {}).get("diverged_rate") or 0.0
-            for c in chains
-        ]
-        ax.bar(x + (i - (len(tasks) - 1) / 2) * width, rates, width, label=t)
-    ax.set_xticks(x, chains, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("diverged seeds (fraction)")
-    ax.set_title("Divergence rate per chain (final test loss NaN/Inf or above bound)")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
+        pos = y + (i - (n_tasks - 1) / 2) * height
+        label = t
+        for yi, c in zip(pos, chains, strict=True):
+            r = results["tasks"][t]["chains"].get(c)
+            if r is None:
+                continue
+            rate = r["diverged_rate"] or 0.0
+            ax.barh(yi, rate, height, color=f"C{i}", label=label)
+            label = None  # one legend entry per task
+            ax.plot(0, yi, "D", color=f"C{i}", ms=3, clip_on=False)  # zero too
+            n = len(r["final_loss_per_seed"])
+            ax.text(
+                rate + 0.01, yi, f"{r['diverged_seeds']}/{n}", va="center", fontsize=7
+            )
+    ax.set_yticks(y, chains)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("diverged seeds (fraction)")
+    ax.set_title(
+        "Divergence per chain (final test loss NaN/Inf or above the bound)", fontsize=10
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def lr_sweep(run: sweep.SweepRun, path: str) -> None:
+    """Final test loss vs learning rate, log-log, one line per chain.
+
+    The line is the mean over seeds, the band the seeds' min-max, both capped
+    at the loss at initialisation (NaN/Inf counts as it), as in the LR
+    sensitivity; a star marks each chain's best learning rate.
+    """
+    plt = _pyplot()
+    from matplotlib import ticker
+
+    init = run.loss_at_init
+    per_seed = np.where(np.isfinite(run.final_loss), run.final_loss, init)
+    per_seed = np.minimum(per_seed, init)
+    mean = sweep.capped_loss(run.final_loss, init)
+    sens = sweep.lr_sensitivity(run.final_loss, init)
+    colors = plt.get_cmap("tab20").colors
+    styles = ("-", "--", "-.", ":")
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
+    for c, name in enumerate(run.chains):
+        color = colors[(2 * c) % 20 if c < 10 else (2 * c + 1) % 20]
+        ax.fill_between(
+            run.lrs, per_seed[c].min(-1), per_seed[c].max(-1), color=color, alpha=0.1
+        )
+        ax.plot(
+            run.lrs,
+            mean[c],
+            color=color,
+            ls=styles[c % len(styles)],
+            marker="o",
+            ms=3,
+            lw=1.4,
+            label=f"{name} (sensitivity {sens[c]:.3g})",
+        )
+        best = int(np.argmin(mean[c]))
+        ax.plot(run.lrs[best], mean[c, best], "*", color=color, ms=12, mec="k", mew=0.5)
+    ax.axhline(init, color="0.4", lw=0.8, ls=":", label="loss at init (the cap)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(run.lrs, [f"{lr:g}" for lr in run.lrs])
+    ax.minorticks_off()
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel(f"learning rate of {run.task.optimizer}")
+    ax.set_ylabel("final test loss")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(
+        f"{run.task.name}: final test loss after {run.steps} steps, mean over "
+        f"{run.seeds} seeds (band: min-max)\nNaN/Inf and values above the loss at "
+        "init drawn at it; \u2605 = each chain's best learning rate",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweeps(runs: Sequence[sweep.SweepRun], out: str) -> list[str]:
+    """Writes ``lr_sweep_<task>.png`` per sweep into ``out``; returns the names."""
+    names = []
+    for run in runs:
+        name = f"lr_sweep_{run.task.name}.png"
+        lr_sweep(run, os.path.join(out, name))
+        names.append(name)
+    return names
 
 
 def write_all(

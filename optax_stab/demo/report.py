@@ -133,14 +133,15 @@ def summarize(
             "eval_every": int(run.eval_steps[0]),
             "chains": {n: summarize_chain(run, c) for c, n in enumerate(run.chains)},
         }
-    return _jsonable({"settings": settings, "tasks": tasks})
+    return jsonable({"settings": settings, "tasks": tasks})
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """``x`` with every non-finite float (nested in dicts and lists) as ``None``."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
@@ -239,15 +240,21 @@ def print_table(results: dict[str, Any], console: Any) -> None:
         )
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """``results.md``: the settings, and per task a Markdown table and definitions."""
-    s = results["settings"]
-    lines = [
-        "# optax-stab demo results",
+def _heading(settings: dict[str, Any], what: str) -> list[str]:
+    s = settings
+    return [
+        f"# optax-stab demo {what}",
         "",
         f"Command: `{s['command']}`  ",
         f"optax_stab {s['version']}, jax {s['jax']}; wall time {s['seconds']:.0f} s.",
         "",
+    ]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: the settings, and per task a Markdown table and definitions."""
+    lines = [
+        *_heading(results["settings"], "results"),
         "Every chain is `stabiliser, then the task's base optimizer`; all chains of a",
         "task share each seed's initial parameters and minibatches. Statistics are",
         "over seeds, on the final test loss (NaN/Inf counts as +inf). `skipped` and",
@@ -273,4 +280,85 @@ def markdown(results: dict[str, Any]) -> str:
             ),
             "",
         ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- --sweep
+SWEEP_NOTE = (
+    "LR sensitivity (Wortsman et al. 2023): mean over the learning-rate grid of "
+    "min(mean final test loss over seeds, loss at init) minus the best such loss "
+    "of any chain at any learning rate; NaN/Inf counts as the loss at init; "
+    "lower is better. In brackets: fraction of the grid's runs (learning rates "
+    "x seeds) that diverged."
+)
+
+
+def sweep_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the sensitivity table: one row per chain, one column
+    per task, each cell ``sensitivity (diverged fraction)``."""
+    tasks = results["sweep"]
+    headers = ["chain", *tasks]
+    chains: list[str] = []
+    for t in tasks.values():
+        chains += [c for c in t["chains"] if c not in chains]
+    out = []
+    for c in chains:
+        row = [c]
+        for t in tasks.values():
+            r = t["chains"].get(c)
+            row.append(
+                "-"
+                if r is None
+                else f"{_num(r['lr_sensitivity'])} ({r['diverged_fraction']:.0%})"
+            )
+        out.append(row)
+    return headers, out
+
+
+def sweep_caption(name: str, t: dict[str, Any]) -> str:
+    """One line naming a swept task, its grid and the best run."""
+    grid = ", ".join(f"{lr:g}" for lr in t["lrs"])
+    return (
+        f"{name}: {t['title']}; {t['optimizer']} at lr {grid}; {t['steps']} steps, "
+        f"{t['seeds']} seeds; loss at init {_num(t['loss_at_init'])}, best "
+        f"{_num(t['best_loss'])} ({t['best_chain']} at lr {t['best_lr']:g})"
+    )
+
+
+def print_sweep_table(results: dict[str, Any], console: Any) -> None:
+    """Prints the LR-sensitivity table and each task's grid to ``console``."""
+    from rich.table import Table
+
+    headers, body = sweep_rows(results)
+    table = Table(title="LR sensitivity (diverged fraction)", title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"  {SWEEP_NOTE}")
+    for name, t in results["sweep"].items():
+        console.print(f"  {sweep_caption(name, t)}")
+    console.print()
+
+
+def sweep_markdown(results: dict[str, Any]) -> str:
+    """``results.md`` of a sweep: the settings, the LR-sensitivity table, the grids."""
+    headers, body = sweep_rows(results)
+    lines = [
+        *_heading(results["settings"], "learning-rate sweep"),
+        "## LR sensitivity (diverged fraction)",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in body),
+        "",
+        SWEEP_NOTE,
+        "",
+    ]
+    for name, t in results["sweep"].items():
+        lines += [
+            f"- {sweep_caption(name, t)}; diverged: {t['diverged_definition']}",
+        ]
+    lines.append("")
     return "\n".join(lines)

@@ -1,11 +1,13 @@
-"""Trains every chain and seed of one task in a single compiled, vmapped scan.
+"""Trains every chain, learning rate and seed of one task in one compiled scan.
 
 All chains of a task share the model, the seeds' initial parameters and the
 seeds' minibatches (a paired comparison: chain ``c`` and seed ``s`` see exactly
-the batches chain ``0`` and seed ``s`` see). Parameters are stacked as
-``[chains, seeds, ...]``: the forward and backward passes of all of them run
-as one ``jax.vmap``'d computation, then each chain applies its own optimizer
-to its ``[seeds, ...]`` slice (``jax.vmap`` over seeds). The training loop is a
+the batches chain ``0`` and seed ``s`` see), at every learning rate. Parameters
+are stacked as ``[chains, lrs, seeds, ...]`` (one learning rate in the default
+demo, a grid in ``--sweep``): the forward and backward passes of all of them
+run as one ``jax.vmap``'d computation, then each chain applies its own
+optimizer, built with a traced learning rate, to its ``[lrs, seeds, ...]``
+slice (``jax.vmap`` over learning rates and seeds). The training loop is a
 ``lax.scan`` over a chunk of steps inside ``jax.jit``; the same compiled chunk
 is called again and again so a progress bar can move between chunks.
 """
@@ -13,6 +15,7 @@ is called again and again so a progress bar can move between chunks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -85,32 +88,47 @@ def _health(state: Any, seeds: int) -> list[dict[str, float]]:
 
 def make_program(
     task: tasks_lib.Task,
-    txs: Sequence[optax.GradientTransformation],
+    builders: Sequence[Callable[[jax.Array], optax.GradientTransformation]],
+    lrs: jax.typing.ArrayLike,
     seeds: int,
     steps: int,
     chunk: int,
 ) -> tuple[Callable[[], Any], Callable[[Any, jax.Array], Any]]:
     """Builds ``init() -> carry`` and the jitted ``run_chunk(carry, t0)``.
 
-    ``run_chunk`` trains steps ``t0 .. t0 + chunk - 1`` (steps at or past
-    ``steps`` leave the carry unchanged) and returns
+    Every chain is trained at every learning rate of ``lrs`` and every seed:
+    ``builders[c](lr)`` builds chain ``c`` with ``lr`` a traced scalar, inside
+    a ``jax.vmap`` over the learning rates, so the program holds each chain
+    once whatever the number of learning rates (the default demo is the case
+    of one). ``run_chunk`` trains steps ``t0 .. t0 + chunk - 1`` (steps at or
+    past ``steps`` leave the carry unchanged) and returns
     ``(carry, (train_loss, grad_norm), (test_loss, test_metric))``, the per-step
-    arrays shaped ``[chunk, chains, seeds]`` and the test ones ``[chains, seeds]``.
+    arrays shaped ``[chunk, chains, lrs, seeds]`` and the test ones
+    ``[chains, lrs, seeds]``. The carry is ``(params, states)``, the params
+    stacked ``[chains, lrs, seeds, ...]``.
     """
-    n_chains = len(txs)
+    n_chains = len(builders)
+    lrs = jnp.asarray(lrs, jnp.float32)
+    n_lrs = lrs.shape[0]
     seed_keys = jax.vmap(jax.random.key)(jnp.arange(seeds))
 
     def init():
         params = jax.vmap(task.init)(
             jax.vmap(lambda k: jax.random.fold_in(k, 0))(seed_keys)
         )
-        states = tuple(jax.vmap(tx.init)(params) for tx in txs)
-        return _stack([params] * n_chains), states
+        states = tuple(
+            jax.vmap(lambda lr, b=b: jax.vmap(b(lr).init)(params))(lrs)
+            for b in builders
+        )
+        per_lr = _stack([params] * n_lrs)
+        return _stack([per_lr] * n_chains), states
 
-    grad_fn = jax.vmap(  # over chains: same batch for every chain
-        jax.vmap(jax.value_and_grad(task.loss)), in_axes=(0, None)
+    # Over chains and learning rates: the same batch for every one of them.
+    grad_fn = jax.vmap(
+        jax.vmap(jax.vmap(jax.value_and_grad(task.loss)), in_axes=(0, None)),
+        in_axes=(0, None),
     )
-    norm_fn = jax.vmap(jax.vmap(_tree.global_norm))
+    norm_fn = jax.vmap(jax.vmap(jax.vmap(_tree.global_norm)))
 
     def step(carry, t):
         params, states = carry
@@ -118,10 +136,16 @@ def make_program(
         batch = jax.vmap(task.sample)(keys)
         loss, grads = grad_fn(params, batch)
         new_params, new_states = [], []
-        for c, tx in enumerate(txs):
+        for c, build in enumerate(builders):
             p_c, g_c = jax.tree.map(lambda x, c=c: x[c], (params, grads))
-            update = jax.vmap(lambda g, s, p, lo, tx=tx: tx.update(g, s, p, loss=lo))
-            u_c, s_c = update(g_c, states[c], p_c, loss[c])
+
+            def update(lr, g, s, p, lo, build=build):
+                tx = build(lr)
+                return jax.vmap(lambda g, s, p, lo: tx.update(g, s, p, loss=lo))(
+                    g, s, p, lo
+                )
+
+            u_c, s_c = jax.vmap(update)(lrs, g_c, states[c], p_c, loss[c])
             new_params.append(optax.apply_updates(p_c, u_c))
             new_states.append(s_c)
         new = (_stack(new_params), tuple(new_states))
@@ -129,7 +153,7 @@ def make_program(
         carry = jax.tree.map(lambda a, b: jnp.where(active, a, b), new, carry)
         return carry, (loss, norm_fn(grads))
 
-    eval_fn = jax.vmap(jax.vmap(task.evaluate))
+    eval_fn = jax.vmap(jax.vmap(jax.vmap(task.evaluate)))
 
     @jax.jit
     def run_chunk(carry, t0):
@@ -137,6 +161,13 @@ def make_program(
         return carry, per_step, eval_fn(carry[0])
 
     return jax.jit(init), run_chunk
+
+
+def builders(
+    task: tasks_lib.Task, chain_names: Sequence[str]
+) -> list[Callable[[jax.Array], optax.GradientTransformation]]:
+    """``lr -> transform`` for each chain of ``chain_names`` on ``task``."""
+    return [functools.partial(chains_lib.get_chain(n).build, task) for n in chain_names]
 
 
 def train_task(
@@ -162,25 +193,27 @@ def train_task(
         A :class:`TaskRun`.
     """
     start = time.perf_counter()
-    txs = [chains_lib.get_chain(n).build(task, lr) for n in chain_names]
     chunk = chunk_size(steps)
-    init, run_chunk = make_program(task, txs, seeds, steps, chunk)
+    init, run_chunk = make_program(
+        task, builders(task, chain_names), [lr], seeds, steps, chunk
+    )
     carry = init()
     losses, norms, eval_steps, eval_loss, eval_metric = [], [], [], [], []
     for t0 in range(0, steps, chunk):
         carry, (loss, norm), (e_loss, e_metric) = run_chunk(carry, jnp.int32(t0))
-        losses.append(np.asarray(loss))
-        norms.append(np.asarray(norm))
+        # The one learning rate: [chunk, chains, 1, seeds] -> [chunk, chains, seeds]
+        losses.append(np.asarray(loss)[:, :, 0])
+        norms.append(np.asarray(norm)[:, :, 0])
         done = min(t0 + chunk, steps)
         eval_steps.append(done)
-        eval_loss.append(np.asarray(e_loss))
-        eval_metric.append(np.asarray(e_metric))
+        eval_loss.append(np.asarray(e_loss)[:, 0])
+        eval_metric.append(np.asarray(e_metric)[:, 0])
         if on_progress is not None:
             on_progress(done)
     # [chunks * chunk, chains, seeds] -> [chains, seeds, steps]
     train_loss = np.concatenate(losses)[:steps].transpose(1, 2, 0)
     grad_norm = np.concatenate(norms)[:steps].transpose(1, 2, 0)
-    health = [_health(state, seeds) for state in carry[1]]
+    health = [_health(jax.tree.map(lambda x: x[0], s), seeds) for s in carry[1]]
     return TaskRun(
         task=task,
         chains=list(chain_names),
