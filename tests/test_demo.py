@@ -101,7 +101,7 @@ def _check_files(tmp_path, task_names, chain_names, returned):
 
 def test_every_chain_runs_end_to_end_and_writes_every_file(tmp_path):
     chains = chains_lib.CHAIN_NAMES
-    returned = _tiny_run(tmp_path, "linear")
+    returned = _tiny_run(tmp_path, "linear", "all")
     _check_files(tmp_path, ["linear"], chains, returned)
 
 
@@ -115,6 +115,7 @@ def test_every_task_runs_end_to_end_and_writes_every_file(tmp_path):
     ("argv", "message"),
     [
         (["--chains", "nope"], "unknown chain 'nope'"),
+        (["--chains", " , "], "--chains is empty"),
         (["--tasks", "adding,nope"], "unknown task 'nope'"),
         (["--seeds", "0"], "--seeds must be a positive integer"),
         (["--steps", "ten"], "--steps must be a positive integer"),
@@ -221,3 +222,13 @@ def test_each_chain_description_is_the_code_that_builds_it():
                     out.append(u)
                 for a, b in zip(*(jax.tree.leaves(u) for u in out)):
                     np.testing.assert_array_equal(a, b, err_msg=chain.name)
+
+
+def test_default_chains_leave_out_the_stabilize_variants_and_the_sweep_adds_them():
+    parser = demo_cli.build_parser()
+    plain = demo_cli.resolve(parser.parse_args([]))["chains"]
+    swept = demo_cli.resolve(parser.parse_args(["--sweep"]))["chains"]
+    assert plain == list(chains_lib.DEFAULT_CHAINS) and "recommended" in plain
+    assert not any(n.startswith("stabilize_") for n in plain)
+    assert swept == list(chains_lib.SWEEP_CHAINS)
+    assert {"stabilize_global", "stabilize_noclip", "stabilize_adagc"} <= set(swept)

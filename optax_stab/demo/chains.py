@@ -5,8 +5,8 @@ results table differs from ``plain`` by exactly what its name says. A chain is
 data (:class:`Call` specs), so the code printed in the results is the code
 that built it.
 
-The recommended combination is
-``spike_guard(chain(zscore_clip(max_norm=c), base), action="skip")``:
+The ``recommended`` row is ``optax_stab.stabilize(base, max_norm=c)``, with
+its defaults ``spike_guard(chain(zscore_clip(max_norm=c), base))``:
 
 * ``zscore_clip`` (ZClip) learns the typical gradient norm of *this* run from an
   EMA of its mean and variance, and clips norms more than 2.5 standard
@@ -144,15 +144,38 @@ CHAINS: tuple[Chain, ...] = (
     Chain("sign_sqrt", pre=_call("sign_sqrt_amplification", SIGN_THRESHOLD)),
     Chain("spike_guard", guard=_call("spike_guard")),
     Chain("guard_nonfinite", guard=_call("guard_nonfinite")),
+    # optax_stab.stabilize(base) with its defaults, and the variants the
+    # learning-rate sweep compared to choose them.
+    Chain("recommended", guard=_call("stabilize", max_norm=CLIP_NORM)),
     Chain(
-        "recommended",
-        pre=_call("zscore_clip", max_norm=CLIP_NORM),
-        guard=_call("spike_guard", action="skip"),
+        "stabilize_global", guard=_call("stabilize", max_norm=CLIP_NORM, clip="global")
+    ),
+    Chain("stabilize_noclip", guard=_call("stabilize", clip="none")),
+    Chain(
+        "stabilize_adagc", guard=_call("stabilize", max_norm=CLIP_NORM, clip="adagc")
     ),
 )
 
 #: Chain names, in table order.
 CHAIN_NAMES: tuple[str, ...] = tuple(c.name for c in CHAINS)
+#: The plain demo's chains: all but the variants of ``stabilize``.
+DEFAULT_CHAINS: tuple[str, ...] = tuple(
+    n for n in CHAIN_NAMES if not n.startswith("stabilize_")
+)
+#: The sweep's chains: the baselines, the adaptive clippers, the guard and
+#: ``stabilize`` with each clipper its ``clip=`` offers.
+SWEEP_CHAINS: tuple[str, ...] = (
+    "plain",
+    "clip_global_norm",
+    "zscore_clip",
+    "autoclip",
+    "sign_sqrt",
+    "spike_guard",
+    "recommended",
+    "stabilize_global",
+    "stabilize_noclip",
+    "stabilize_adagc",
+)
 _BY_NAME = {c.name: c for c in CHAINS}
 
 

@@ -52,9 +52,8 @@ to results.md/json. Default: every task with a grid, %(sweep_seeds)d seeds.
 
 chains: %(chains)s
   (each is "stabiliser, then the task's base optimizer"; recommended =
-  spike_guard(chain(zscore_clip(max_norm=1), base)): ZClip adapts its
-  threshold to the run's own norm statistics, its max_norm caps a slow
-  blow-up, the guard skips whatever still spikes or is NaN)
+  optax_stab.stabilize(base, max_norm=1), see its docstring;
+  stabilize_global/noclip/adagc are stabilize(base, clip=...) variants)
 """
 
 
@@ -91,9 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chains",
-        default="all",
-        help="comma-separated chains to compare, or 'all' (default: all chains "
-        "the installed optax_stab provides)",
+        default=None,
+        help="comma-separated chains to compare, or 'all' (default: "
+        f"{','.join(chains_lib.DEFAULT_CHAINS[:3])},... all but the stabilize_* "
+        "variants; with --sweep "
+        f"{','.join(chains_lib.SWEEP_CHAINS)})",
     )
     parser.add_argument(
         "--seeds",
@@ -219,7 +220,11 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
                     f"task {n!r} has no learning-rate grid for --sweep; choose "
                     "tasks that have one"
                 )
-    if args.chains.strip() == "all":
+    if args.chains is None:
+        chain_names = list(
+            chains_lib.SWEEP_CHAINS if sweep else chains_lib.DEFAULT_CHAINS
+        )
+    elif args.chains.strip() == "all":
         chain_names = list(chains_lib.CHAIN_NAMES)
     else:
         chain_names = _names(args.chains, chains_lib.CHAIN_NAMES, "chains")
