@@ -50,7 +50,7 @@ def test_held_out_windows_come_from_the_held_out_text():
     _, held_out = lm.split_text()
     held_ids = lm.encode(held_out)
     windows = lm.held_out_windows(held_ids)
-    assert windows.shape == (64, lm.CONTEXT + 1)
+    assert windows.shape == (lm.TEST_WINDOWS, lm.CONTEXT + 1)
     assert windows[0, 0] == held_ids[0] and windows[-1, -1] == held_ids[-1]
     assert all(w.tobytes() in held_ids.tobytes() for w in windows)
 

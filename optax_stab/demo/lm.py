@@ -2,14 +2,37 @@
 
 The text is ``pydoc_data.topics.topics``, the help pages that ship with every
 CPython (``help("assert")`` etc.), so the task is offline. Each topic's first
-90% of characters goes to training, its last 10% to the held-out set.
+90% of characters goes to training (418k characters on CPython 3.11), its last
+10% to the held-out set (47k), from which 32 windows at evenly spaced starts
+are the fixed test set. Tokens are characters: newline and printable ASCII,
+plus one id for anything else (curly quotes, accents).
 
-The model is a decoder-only transformer as in GPT-2, at demo size: pre-LayerNorm
-blocks of causal multi-head self-attention and a GELU MLP, learned positions,
-an untied output layer, and *no* QK-norm: at a large AdamW learning rate its
-attention logits and output logits grow until training breaks down (Wortsman et
+The model is a decoder-only transformer as in GPT-2, at demo size (84k
+parameters): 2 pre-LayerNorm blocks of causal 4-head self-attention and a GELU
+MLP, width 64, learned positions, an untied output layer, and *no* QK-norm,
+trained on minibatches of 4 random windows of 64 characters.
+
+The base optimizer is ``optax.adamw(lr, b2=0.95, weight_decay=0.1)``, the
+recipe of GPT-3-style language-model training (and ``b2`` of Wortsman et al.),
+i.e. what a user would start from; optax couples the decay to the learning
+rate, so it shrinks weights by ``lr * 0.1`` per step. With optax's defaults
+(``b2=0.999``, ``weight_decay=1e-4``) the picture is the same, slightly worse
+at the large learning rates.
+
+Without QK-norm, the largest attention logit of the first layer grows with the
+learning rate, from about 9 after 400 steps at ``lr=1e-3`` to 35 at ``1e-2``,
+300 at ``3e-2`` and 1800 at ``1e-1`` (attention-entropy collapse, Wortsman et
 al., `Small-scale proxies for large-scale Transformer training instabilities
-<https://arxiv.org/abs/2309.14322>`_, 2023).
+<https://arxiv.org/abs/2309.14322>`_, 2023), and the final loss rises with
+it, to the unigram baseline at ``1e-1``. There is no NaN and no loss spike to
+clip: Adam normalises the gradient, so ``clip_by_global_norm`` in front of it
+changes little. The default ``lr=3e-2`` is where training has clearly degraded
+(about 0.35 nats/char above the best learning rate) but not yet collapsed.
+
+Thresholds: diverged above the unigram baseline (``diverge_factor=1``: the
+model did no better than ignoring the context); solved below 2.8 nats/char,
+which plain AdamW reaches at ``lr`` 1e-3 to 3e-3 in the 400 steps (about 2.65;
+a count-based bigram model gets 2.61 on the test windows, the unigram 3.29).
 """
 
 from __future__ import annotations
@@ -41,7 +64,7 @@ _LAYERS = 2
 _HEADS = 4
 _MLP = 2  # MLP width / model width (GPT-2 has 4; 2 keeps the demo cheap on CPU)
 _BATCH = 4
-_TEST_WINDOWS = 64
+TEST_WINDOWS = 32
 
 
 def encode(text: str) -> np.ndarray:
@@ -93,7 +116,7 @@ def unigram_cross_entropy(train_ids: np.ndarray, test_ids: np.ndarray) -> float:
     return float(-np.mean(log_p[test_ids]))
 
 
-def held_out_windows(held_out_ids: np.ndarray, n: int = _TEST_WINDOWS) -> np.ndarray:
+def held_out_windows(held_out_ids: np.ndarray, n: int = TEST_WINDOWS) -> np.ndarray:
     """``[n, CONTEXT + 1]`` windows of the held-out ids at evenly spaced starts."""
     starts = np.linspace(0, len(held_out_ids) - CONTEXT - 1, n).astype(np.int64)
     return held_out_ids[starts[:, None] + np.arange(CONTEXT + 1)]
@@ -207,8 +230,12 @@ def lm_task() -> tasks.Task:
         evaluate=evaluate,
         metric="test next-character accuracy",
         baseline=baseline,
-        solved_loss=2.0,
-        solved_text="",
+        solved_loss=2.8,
+        solved_text=(
+            f"test cross-entropy < 2.8 nats/char on {TEST_WINDOWS} held-out "
+            f"windows of {CONTEXT} characters (the unigram baseline is "
+            f"{baseline:.2f})"
+        ),
         diverge_factor=1.0,
         sweep_lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     )
