@@ -73,7 +73,7 @@ def test_model_is_causal():
     model = lm.CharTransformer()
     ids = jnp.asarray(lm.encode("x = [i * i for i in range(10)]  # squares\n" * 2))
     ids = ids[: lm.CONTEXT]
-    params = model.init(jax.random.key(0), ids[None])
+    params = jax.jit(model.init)(jax.random.key(0), ids[None])  # eager: seconds
     apply = jax.jit(model.apply)
     base = apply(params, ids[None])[0]
     for j in (0, 17, lm.CONTEXT - 1):
@@ -84,16 +84,19 @@ def test_model_is_causal():
 
 def test_short_adamw_run_beats_the_unigram_baseline():
     # The best constant predictor is the unigram baseline; beating it needs the
-    # context. The previous character alone (a bigram model) is worth about
-    # 0.8 nats/char on English prose and code, so a model that has learnt
-    # bigrams is far below baseline - 0.3, while one stuck at the unigram
-    # (or at its uniform initial guess, ln 97 = 4.57 nats) is above.
+    # context. The previous character alone is worth 0.68 nats/char on this
+    # text (a count-based bigram model: 2.61 on the test windows, unigram
+    # 3.29), so the bound asks for less than half of what bigrams give, while a
+    # model stuck at the unigram, or at its initial guess (above ln 97 = 4.57),
+    # fails it. 150 steps at lr 3e-3 (the best learning rates are 1e-3 to
+    # 3e-3) are well into the bigram regime (about 2.85 on three seeds).
     task = tasks.get_task("lm")
     tx = task.make_optimizer(3e-3)
-    params = task.init(jax.random.key(0))
 
     @jax.jit
-    def train(params):
+    def train(key):
+        params = task.init(key)  # inside jit: eager flax init takes seconds
+
         def step(carry, t):
             params, state = carry
             batch = task.sample(jax.random.fold_in(jax.random.key(1), t))
@@ -101,10 +104,24 @@ def test_short_adamw_run_beats_the_unigram_baseline():
             updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
 
-        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(N))
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(150))
         return task.evaluate(params)[0]
 
-    assert float(train(params)) < task.baseline - 0.3
+    assert float(train(jax.random.key(0))) < task.baseline - 0.3
 
 
-N = 150
+def test_optimizer_takes_a_traced_learning_rate_for_the_sweep():
+    # First AdamW step: Adam's debiased m / sqrt(v) is sign(g) = 1, plus the
+    # decoupled decay 0.1 * param (param 1): the update is -1.1 * lr exactly.
+    task = tasks.get_task("lm")
+    lrs = np.asarray(task.sweep_lrs)
+    assert len(lrs) >= 5 and np.all(np.diff(lrs) > 0) and lrs[-1] / lrs[0] >= 30
+    assert lrs[0] <= task.lr <= lrs[-1]
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 2.0)}
+
+    def first_update(lr):
+        tx = task.make_optimizer(lr)
+        return tx.update(grads, tx.init(params), params)[0]["w"]
+
+    out = jax.jit(jax.vmap(first_update))(jnp.asarray(lrs, jnp.float32))
+    np.testing.assert_allclose(out, -1.1 * lrs[:, None] * np.ones(3), rtol=1e-5)

@@ -221,7 +221,7 @@ def lm_task() -> tasks.Task:
         make_optimizer=_adamw,
         lr=0.03,
         steps=400,
-        quick_steps=100,
+        quick_steps=200,
         clip_norm=1.0,
         sign_threshold=0.01,
         init=lambda key: model.init(key, x_te[:1]),
