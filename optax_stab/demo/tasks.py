@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_stab.demo import lm
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -391,6 +393,7 @@ _BUILDERS: dict[str, Callable[[], Task]] = {
     "adding-lstm": _adding_lstm_task,
     "deep-mlp": _deep_mlp_task,
     "linear": _linear_task,
+    "lm": lm.lm_task,
 }
 
 #: Task names, in the order the demo runs them.
