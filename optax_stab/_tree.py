@@ -32,9 +32,9 @@ elements as three kernels (the elementwise part, a partial ``reduce-window``
 and a final ``reduce``), and a larger one as a single fused kernel. A model's
 many small leaves (biases, norm scales) would then cost three compiled kernels
 and three launches each for every tree-wide scalar. :func:`reduction_groups`
-therefore reduces the leaves under :data:`SMALL_LEAF` elements together, raveled
-and concatenated per dtype (one fused kernel for all of them), and the larger
-leaves one by one; tree-wide sums (:func:`global_norm`,
+therefore reduces the leaves under :data:`SMALL_LEAF` elements together,
+stacked per shape and dtype (one fused kernel for each such group), and the
+larger leaves one by one; tree-wide sums (:func:`global_norm`,
 :func:`total`, :func:`all_finite`) are built on it. Per-leaf results
 (:func:`leaf_norms`) keep one reduction per leaf.
 """
@@ -56,8 +56,9 @@ def reduction_groups(tree: Any) -> list[jax.Array]:
     """The arrays whose reductions make a tree-wide sum or maximum.
 
     Leaves of :data:`SMALL_LEAF` elements or more come back as they are; the
-    smaller ones raveled and concatenated, one array per dtype. Empty leaves
-    are dropped. Any reduction that is associative over elements (a sum, a
+    smaller ones stacked, one array per shape and dtype (a stack along a new
+    axis keeps each leaf's sharding, where raveling and concatenating leaves
+    of different shapes made GSPMD gather them). Empty leaves are dropped. Any reduction that is associative over elements (a sum, a
     maximum) gives the same tree-wide result over these arrays as over the
     leaves, up to the order of a float sum.
     """
@@ -68,9 +69,9 @@ def reduction_groups(tree: Any) -> list[jax.Array]:
         if x.size >= SMALL_LEAF:
             groups.append(x)
         elif x.size:
-            small.setdefault(x.dtype, []).append(x.ravel())
+            small.setdefault((x.shape, x.dtype), []).append(x)
     for parts in small.values():
-        groups.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts))
+        groups.append(parts[0] if len(parts) == 1 else jnp.stack(parts))
     return groups
 
 

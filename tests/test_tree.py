@@ -233,6 +233,7 @@ def _mixed_tree(rng: np.random.Generator) -> dict[str, jax.Array]:
         "big": jnp.asarray(rng.standard_normal(big), jnp.float32),
         "big2d": jnp.asarray(rng.standard_normal((2, big // 2 + 1)), jnp.float32),
         "bias": jnp.asarray(rng.standard_normal(7), jnp.float32),
+        "bias2": jnp.asarray(rng.standard_normal(7), jnp.float32),
         "scale": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
         "scalar": jnp.float32(-2.5),
         "half": jnp.asarray(rng.integers(-15, 16, 9), jnp.bfloat16),
@@ -245,7 +246,8 @@ def test_reduction_groups_hold_every_element_once():
     tree = _mixed_tree(np.random.default_rng(0))
     groups = _tree.reduction_groups(tree)
     big = [x for x in jax.tree.leaves(tree) if x.size >= _tree.SMALL_LEAF]
-    assert len(groups) == len(big) + 3  # one concatenation per small dtype
+    small = {(x.shape, x.dtype) for x in jax.tree.leaves(tree) if 0 < x.size < 4096}
+    assert len(groups) == len(big) + len(small)  # one stack per shape and dtype
     for dtype in (jnp.float32, jnp.bfloat16, jnp.complex64):
         want = np.concatenate(
             [np.ravel(x) for x in jax.tree.leaves(tree) if x.dtype == dtype]
