@@ -58,9 +58,10 @@ def reduction_groups(tree: Any) -> list[jax.Array]:
     Leaves of :data:`SMALL_LEAF` elements or more come back as they are; the
     smaller ones stacked, one array per shape and dtype (a stack along a new
     axis keeps each leaf's sharding, where raveling and concatenating leaves
-    of different shapes made GSPMD gather them). Empty leaves are dropped. Any reduction that is associative over elements (a sum, a
-    maximum) gives the same tree-wide result over these arrays as over the
-    leaves, up to the order of a float sum.
+    of different shapes made GSPMD gather them). Empty leaves are dropped.
+    Any reduction that is associative over elements (a sum, a maximum)
+    gives the same tree-wide result over these arrays as over the leaves, up
+    to the order of a float sum.
     """
     groups: list[jax.Array] = []
     small: dict[Any, list[jax.Array]] = {}
