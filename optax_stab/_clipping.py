@@ -259,7 +259,7 @@ def spike_clip(
             return _tree.nonfinite_marker(x) + spike.astype(x.dtype)
 
         # The number of clipped coordinates, NaN after a non-finite gradient.
-        top = _tree.materialised(_tree.total(jax.tree.map(score, updates, state.nu)))
+        top = _tree.materialised(_tree.total(updates, score, state.nu))
         finite = jnp.isfinite(top)
 
         def leaf(g, nu):

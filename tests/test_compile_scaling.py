@@ -93,11 +93,14 @@ def test_tree_wide_decisions_add_no_kernels_per_leaf_over_their_optax_twins():
     # 1K leaf is three kernels there; reducing the small leaves together
     # (_tree.reduction_groups) leaves the per-leaf update kernels of the twin
     # plus a constant. Counted at 64 leaves: 3 more kernels per leaf would be
-    # +192, a constant is a few.
+    # +192, a constant is a few. spike_clip's count of clipped coordinates
+    # reads g and nu: summed leaf by leaf and stacked, it was 3 kernels per
+    # leaf (XLA split the sum), summed over the stacked leaves it is one.
     import optax_stab
 
     pairs = (
         (optax_stab.ema_smoothing(0.9), optax.ema(0.9)),
+        (optax_stab.spike_clip(), optax.ema(0.9)),
         (optax_stab.clip_by_norm(1.0), optax.clip_by_global_norm(1.0)),
         (optax_stab.guard_nonfinite(optax.adam(1e-3)), optax.adam(1e-3)),
     )

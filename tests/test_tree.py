@@ -256,6 +256,19 @@ def test_reduction_groups_hold_every_element_once():
         np.testing.assert_array_equal(np.sort_complex(got), np.sort_complex(want))
 
 
+def test_total_of_a_function_of_two_aligned_trees_matches_numpy():
+    rng = np.random.default_rng(2)
+    shapes = [(3, 5), (7,), (3, 5), (5000,), (7,), ()]
+    a = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    b = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    got = _tree.total(a, lambda x, y: (x > y).astype(x.dtype) * y, b)
+    want = sum(
+        np.sum((np.asarray(x) > np.asarray(y)) * np.asarray(y)) for x, y in zip(a, b)
+    )
+    # A float32 sum of ~5.1K terms of |y| < 5 errs by well under 1e-2.
+    np.testing.assert_allclose(float(got), want, atol=1e-2)
+
+
 def test_norm_max_and_finiteness_over_small_and_large_leaves_match_numpy():
     tree = _mixed_tree(np.random.default_rng(1))
     flat = np.concatenate(
