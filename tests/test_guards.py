@@ -691,6 +691,7 @@ def test_guard_freeze_example_quick():
     np.testing.assert_array_equal(total, 120)
     assert np.all(np.isfinite(out["guarded_test_loss"]))
     assert np.all(np.isfinite(out["control_test_loss"]))
+    assert np.all(np.isfinite(out["ulp_test_loss"]))
 
 
 # ------------------------------------------------------------------ axis_name
