@@ -40,14 +40,14 @@ of the leaves is applied to the stacked group, not leaf by leaf: XLA splits
 a sum over a stack of computed per-leaf arrays back into one small
 reduction per leaf.
 
-**Identical kernels.** XLA:CPU compiles a kernel once for all the fusions
-of the same computation, so ``N`` leaves of one shape updated the same way
-cost about one kernel's compile. A per-leaf value sliced out of a stacked
-vector (``v[i]``) makes each leaf's kernel different (the slice offset is
-part of it) and each is compiled on its own: scaling 256 leaves by their own
-scalar inputs compiled in 0.09 s, by slices of one vector in 2.1 s.
-Per-leaf results (:func:`leaf_norms`) therefore keep one reduction per
-leaf, and per-leaf scalars are never unstacked from a vector.
+**Per-leaf kernels.** XLA:CPU compiles every leaf's kernel through MLIR
+and LLVM, at a cost that grows with the operations in it. On 256 leaves of
+1K, scaling each leaf by its own scalar input compiled in 0.11 s, a 20-step
+elementwise chain per leaf in 5.4 s (0.07 s on one leaf), and scaling by
+slices ``v[i]`` of one vector of scalars in 2.1 s against 0.09 s for
+separate scalar inputs. Per-leaf results (:func:`leaf_norms`) therefore keep
+one reduction per leaf, and per-leaf scalars are never unstacked from a
+vector.
 """
 
 from __future__ import annotations
