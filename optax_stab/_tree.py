@@ -52,6 +52,7 @@ vector.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -189,18 +190,46 @@ def _rescue_scale(total: jax.Array) -> jax.Array:
     return jnp.where(jnp.isinf(total), down, jnp.where(low, up, jnp.ones_like(up)))
 
 
-def _rescued_norm(total: jax.Array, rescaled: Any) -> jax.Array:
-    """``sqrt(total)``, or ``sqrt(rescaled(c)) / c`` where ``total`` needs rescue.
+def _sum_squares(leaves: list, axis_name: Any, dtype: Any, scale: Any = None):
+    parts = (squared_norm(x, dtype, scale) for x in leaves)
+    return _psum(sum(parts, jnp.zeros([], dtype)), axis_name)
 
-    ``rescaled(c)`` sums the squares of the elements times ``c``; it runs only
-    under the predicate (a ``lax.cond`` on the scalar ``total``).
-    """
 
-    def slow(t):
-        c = _rescue_scale(t)
-        return total_sqrt(rescaled(c)) / c  # a power of two: exact
+# The branches of the two ``lax.cond`` below are built once per (axis_name,
+# dtype) and take everything they read as operands: a branch defined anew at
+# each call is traced and compiled anew at each eager (un-jitted) call, about
+# 50 ms on CPU, where these hit JAX's caches.
+@functools.cache
+def _global_norm_branches(axis_name: Any, dtype: Any):
+    def slow(total, leaves):
+        c = _rescue_scale(total)
+        return total_sqrt(_sum_squares(leaves, axis_name, dtype, c)) / c  # exact
 
-    return jax.lax.cond(_needs_rescue(total), slow, total_sqrt, total)
+    def fast(total, leaves):
+        del leaves
+        return total_sqrt(total)
+
+    return slow, fast
+
+
+@functools.cache
+def _leaf_norm_branches(axis_name: Any, dtype: Any):
+    def one(x, total):
+        # Every leaf is summed again, scaled by its own power of two (1 where
+        # it needs no rescue), and selected: a cond per leaf here would
+        # compile a branch computation per leaf.
+        c = _rescue_scale(total)
+        rescued = total_sqrt(_psum(squared_norm(x, dtype, c), axis_name)) / c
+        return jnp.where(_needs_rescue(total), rescued, safe_sqrt(total))
+
+    def slow(totals, tree):
+        return jax.tree.map(one, tree, totals)
+
+    def fast(totals, tree):
+        del tree
+        return jax.tree.map(safe_sqrt, totals)
+
+    return slow, fast
 
 
 def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
@@ -221,21 +250,10 @@ def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
     if not jax.tree.leaves(totals):
         return totals
 
-    def one(x, total):
-        # Inside the rare branch every leaf is summed again, scaled by its own
-        # power of two (1 where it needs no rescue), and selected: a cond per
-        # leaf here would compile a branch computation per leaf.
-        c = _rescue_scale(total)
-        rescued = total_sqrt(_psum(squared_norm(x, dtype, c), axis_name)) / c
-        return jnp.where(_needs_rescue(total), rescued, safe_sqrt(total))
-
     # One cond for the whole tree: the common step pays one predicate.
-    return jax.lax.cond(
-        any_leaf(jax.tree.map(_needs_rescue, totals)),
-        lambda t: jax.tree.map(one, tree, t),
-        lambda t: jax.tree.map(safe_sqrt, t),
-        totals,
-    )
+    slow, fast = _leaf_norm_branches(axis_name, dtype)
+    rescue = any_leaf(jax.tree.map(_needs_rescue, totals))
+    return jax.lax.cond(rescue, slow, fast, totals, tree)
 
 
 def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.Array:
@@ -250,12 +268,10 @@ def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.A
     """
     dtype = _numerics.resolve_dtype(dtype)
     leaves = reduction_groups(tree)
-
-    def total(scale=None):
-        parts = (squared_norm(x, dtype, scale) for x in leaves)
-        return _psum(sum(parts, jnp.zeros([], dtype)), axis_name)
-
-    return _rescued_norm(total(), total)
+    total = _sum_squares(leaves, axis_name, dtype)
+    # The rare branch sums the squares again, scaled by a power of two.
+    slow, fast = _global_norm_branches(axis_name, dtype)
+    return jax.lax.cond(_needs_rescue(total), slow, fast, total, leaves)
 
 
 def total(tree: Any, fn: Any = None, *more: Any) -> jax.Array:
@@ -334,6 +350,19 @@ def combine_norms(norms: Any) -> jax.Array:
     total = d * total_sqrt(jnp.sum(jnp.square(n / d)))
     # Where not ok, m is 0, Inf or NaN, and r * r is exactly m.
     return jnp.where(ok, total, r * r)
+
+
+def extrema(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(min, max)`` of an array; both NaN if any element is NaN.
+
+    ``jnp.min`` and ``jnp.max`` are not enough: XLA:CPU (jaxlib 0.10.2) drops
+    NaN from a ``min`` or ``max`` reduction over 4096 or more elements (a
+    stack of per-leaf norms of a model with that many leaves). The NaN test
+    is an integer count, which no backend reorders.
+    """
+    has_nan = jnp.sum(jnp.isnan(v), dtype=jnp.int32) > 0
+    nan = jnp.full([], jnp.nan, v.dtype)
+    return jnp.where(has_nan, nan, jnp.min(v)), jnp.where(has_nan, nan, jnp.max(v))
 
 
 def split_ratio(num: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
