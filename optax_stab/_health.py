@@ -128,6 +128,7 @@ def health_monitor(
         leaf_norms = _tree.leaf_norms(updates, axis_name=axis_name)
         norms = [jnp.asarray(n, jnp.float32) for n in jax.tree.leaves(leaf_norms)]
         stacked = jnp.stack(norms) if norms else jnp.zeros([1], jnp.float32)
+        smallest, largest = _tree.extrema(stacked)
         grad_norm = _tree.combine_norms(leaf_norms).astype(jnp.float32)
         finite = jnp.isfinite(grad_norm)
         # A leaf is non-finite when its norm is: no second pass over the data.
@@ -151,8 +152,8 @@ def health_monitor(
             max_norm_seen=jnp.where(
                 finite, jnp.maximum(state.max_norm_seen, grad_norm), state.max_norm_seen
             ),
-            min_leaf_norm=jnp.min(stacked),
-            max_leaf_norm=jnp.max(stacked),
+            min_leaf_norm=smallest,
+            max_leaf_norm=largest,
             nonfinite_leaves=jnp.asarray(bad_leaves, jnp.int32),
             health_step=_numerics.increment_if(finite, state.health_step),
         )
