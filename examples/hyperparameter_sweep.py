@@ -75,10 +75,11 @@ def sweep(steps: int) -> np.ndarray:
     return np.asarray(mse)
 
 
-def separate_runs(steps: int) -> np.ndarray:
-    """The same 16 runs one by one, each with a plain ``clip_by_norm(value)``."""
+def separate_runs(steps: int, which=None) -> np.ndarray:
+    """Runs ``which`` (default: all 16) one by one, each a plain ``clip_by_norm``."""
     out = []
-    for value in MAX_NORMS:
+    which = range(len(MAX_NORMS)) if which is None else which
+    for value in MAX_NORMS[list(which)]:
         tx = optax.chain(optax_stab.clip_by_norm(float(value)), optax.sgd(LR))
         train, params = make_train(tx, steps)
         mse, _ = jax.jit(train)(tx.init(params))

@@ -65,7 +65,13 @@ def two_processes(tmp_path_factory):
         "--spike-step", str(SPIKE_AT), "--json", str(out),
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    env.pop("XLA_FLAGS", None)
+    # The suite's compile flags (tests/conftest.py), without its device count:
+    # the example sets its own.
+    env["XLA_FLAGS"] = " ".join(
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if "device_count" not in flag
+    )
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

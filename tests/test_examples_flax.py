@@ -68,9 +68,12 @@ def test_hyperparameter_sweep_equals_separate_runs():
     results = example.main(["--quick"])
     swept = np.asarray(results["mse"])
     assert swept.shape == (16,)
-    separate = example.separate_runs(results["steps"])
-    # vmapped matmuls sum in another order: equal up to float32 rounding.
-    np.testing.assert_allclose(swept, separate, rtol=1e-3)
+    # Four of the 16 thresholds (each separate run is its own compile), from
+    # tight to loose: vmapped matmuls sum in another order, so equal up to
+    # float32 rounding.
+    which = [0, 3, 9, 15]
+    separate = example.separate_runs(results["steps"], which)
+    np.testing.assert_allclose(swept[which], separate, rtol=1e-3)
     # And the sweep shows something: tight clipping converges, loose diverges.
     assert swept[3] < 0.6 < 10 < swept[-1]
 

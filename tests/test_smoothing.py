@@ -157,6 +157,14 @@ MA4 = optax_stab.moving_average(4)
 MA4_UPDATE = jax.jit(MA4.update)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _gaussian_slot_weights(window, sigma, index, filled):
+    # Jitted, one compile per window: op-by-op dispatch of each example is
+    # slower than the compile.
+    ring = _ring.RingBuffer(jnp.zeros((window,)), index, filled)
+    return _ring.slot_weights(ring, optax_stab._fir.gaussian_weights(window, sigma))
+
+
 class SmoothingPropertiesTest(chex.TestCase):
     @hypothesis.given(c=st.floats(-1e30, 1e30), steps=st.integers(1, 8))
     def test_median_and_mean_of_constant_sequence_is_that_constant(self, c, steps):
@@ -201,12 +209,12 @@ class SmoothingPropertiesTest(chex.TestCase):
     def test_gaussian_weights_sum_to_one_over_available_lags(
         self, window, sigma, filled, index
     ):
-        ring = _ring.RingBuffer(
-            jnp.zeros((window,)),
-            jnp.asarray(index % window, jnp.int32),
-            jnp.asarray(min(filled, window), jnp.int32),
+        w = _gaussian_slot_weights(
+            window,
+            jnp.float32(sigma),
+            jnp.int32(index % window),
+            jnp.int32(min(filled, window)),
         )
-        w = _ring.slot_weights(ring, optax_stab._fir.gaussian_weights(window, sigma))
         np.testing.assert_allclose(float(jnp.sum(w)), 1.0, rtol=1e-6)
         assert np.count_nonzero(np.asarray(w) > 0) <= min(filled, window)
 
