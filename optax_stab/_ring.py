@@ -94,12 +94,13 @@ def push(ring: RingBuffer, tree: Any, where: Any = True) -> RingBuffer:
         return ring
     where = jnp.asarray(where)
 
+    # A skipped push writes out of bounds, which the scatter drops: no kernel
+    # reads the old slot to write it back (that read is a kernel per leaf).
+    slot = jnp.where(where, ring.index, w)
+
     def write(buf, x):
         x = jnp.asarray(x).astype(buf.dtype)
-        old = jax.lax.dynamic_index_in_dim(buf, ring.index, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(
-            buf, jnp.where(where, x, old), ring.index, axis=0
-        )
+        return buf.at[slot].set(x, mode="drop")
 
     values = jax.tree.map(write, ring.values, tree)
     index = jnp.where(where, (ring.index + 1) % w, ring.index).astype(jnp.int32)
