@@ -236,11 +236,11 @@ def time_steps(n: int, leaves: int, repeats: int, seed: int) -> list[dict]:
 
 def _print_steps(rows: list[dict]) -> None:
     print(
-        f"{'case':<38} {'ms/step':>8} {'[IQR ms]':>17} {'x roof':>6} "
+        f"{'case':<42} {'ms/step':>8} {'[IQR ms]':>17} {'x roof':>6} "
         f"{'x twin':>6} {'[IQR]':>14}  twin"
     )
     for r in rows:
-        line = f"{r['case']:<38} {r['ms']:8.2f} {_fmt_iqr(r['ms_iqr'], 7)} "
+        line = f"{r['case']:<42} {r['ms']:8.2f} {_fmt_iqr(r['ms_iqr'], 7)} "
         line += f"{r['x_roofline']:6.2f}"
         if r["twin"] is not None:
             line += f" {r['x_twin']:6.2f} {_fmt_iqr(r['x_twin_iqr'])}  {r['twin']}"

@@ -30,6 +30,21 @@ CLIP_ADAM = "clip_by_norm,adam + apply"
 GLOBAL_CLIP = "optax.clip_by_global_norm(1)"
 JNP_MEDIAN = "jnp.median, ring of 9"
 NETWORK = "median network, ring of 9"
+REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+"""XLA:CPU compiler option with which XLA elides the copies of donated state
+that it otherwise makes when a step reads the old state after writing the new
+in place (the guards' select, ``spike_clip``'s clip; docs/benchmarks.md)."""
+RA = " [RA]"
+# Cases timed a second time compiled with REGION_ANALYSIS (name + RA, twin +
+# RA); the first four are the twins of the others.
+RA_CASES = (
+    EMA,
+    ADAM,
+    "spike_clip()",
+    "guard_nonfinite(adam) + apply",
+    "spike_guard(adam) + apply",
+    "spike_guard(zscore_clip,adam) + apply",
+)
 # (numerator, denominator or "roofline", low, high): the ratio must lie in
 # [low, high]. "~" targets (moving_average(5) ~ moving_average(9)) use +-20%.
 TARGETS = (
@@ -40,6 +55,9 @@ TARGETS = (
     ("windowed_median(9)", "roofline", 0.0, 1.6),
     ("guard_nonfinite(adam) + apply", ADAM, 0.0, 1.2),
     ("spike_guard(adam) + apply", ADAM, 0.0, 1.2),
+    ("spike_clip()" + RA, EMA + RA, 0.0, 1.2),
+    ("guard_nonfinite(adam) + apply" + RA, ADAM + RA, 0.0, 1.2),
+    ("spike_guard(adam) + apply" + RA, ADAM + RA, 0.0, 1.2),
     ("health,clip_by_norm,adam + apply", CLIP_ADAM, 0.0, 1.25),
 )
 NOTES = (
@@ -50,6 +68,9 @@ NOTES = (
     "    slot; write slot, sum, u); windowed_median (W+3)P; median of 9: 10P;",
     "  adam + apply 7P (read g, mu, nu, p; write mu, nu, p); a guard, health or",
     "    clip around it 8P (one more read of g for the tree-wide decision).",
+    "[RA]: the same step compiled with compiler_options="
+    "{'xla_cpu_copy_insertion_use_region_analysis': True}",
+    "  (no copy of the donated state; docs/benchmarks.md, Copies).",
 )
 
 
@@ -119,23 +140,24 @@ def leaf_stream_case(params: list) -> Case:
     return Case(LEAF_STREAM, f, carry, 2 * sum(x.nbytes for x in params), STREAM)
 
 
-def update_case(name, tx, grads, ideal, twin=None) -> Case:
+def update_case(name, tx, grads, ideal, twin=None, options=None) -> Case:
     """``tx.update`` alone; the state and the previous updates are donated.
 
     Donating the previous updates lets XLA write the new ones in place, as
     when the update is consumed by ``apply_updates`` in the same step.
+    ``options`` are XLA compiler options (e.g. :data:`REGION_ANALYSIS`).
     """
 
     def step(g, carry):
         u, state = tx.update(g, carry[0])
         return state, u
 
-    f = jax.jit(step, donate_argnums=1, keep_unused=True)
+    f = jax.jit(step, donate_argnums=1, keep_unused=True, compiler_options=options)
     carry = (_fresh(tx.init(grads)), jax.tree.map(jnp.zeros_like, grads))
     return Case(name, lambda c: f(grads, c), carry, ideal, twin)
 
 
-def train_case(name, tx, params, grads, ideal, twin=None) -> Case:
+def train_case(name, tx, params, grads, ideal, twin=None, options=None) -> Case:
     """``tx.update(..., loss=)`` then ``apply_updates``; params and state donated."""
 
     def step(g, carry, loss):
@@ -143,7 +165,7 @@ def train_case(name, tx, params, grads, ideal, twin=None) -> Case:
         u, state = tx.update(g, state, p, loss=loss)
         return optax.apply_updates(p, u), state
 
-    f = jax.jit(step, donate_argnums=1)
+    f = jax.jit(step, donate_argnums=1, compiler_options=options)
     loss = jnp.float32(1.0)
     carry = _fresh((params, tx.init(params)))
     return Case(name, lambda c: f(grads, c, loss), carry, ideal, twin)
@@ -178,24 +200,35 @@ def timing_cases(n: int, leaves: int, seed: int) -> list[Case]:
         return optax.adam(1e-3)
 
     def upd(name, tx, ideal, twin):
-        return update_case(name, tx, grads, ideal, twin)
+        cases = [update_case(name, tx, grads, ideal, twin)]
+        if name in RA_CASES:
+            twin_ra = None if twin is None else twin + RA
+            ra = update_case(name + RA, tx, grads, ideal, twin_ra, REGION_ANALYSIS)
+            cases.append(ra)
+        return cases
 
     def train(name, tx, twin=ADAM, ideal=8 * p):
-        return train_case(name, tx, params, grads, ideal, twin)
+        cases = [train_case(name, tx, params, grads, ideal, twin)]
+        if name in RA_CASES:
+            twin_ra = None if twin is None else twin + RA
+            ra = train_case(
+                name + RA, tx, params, grads, ideal, twin_ra, REGION_ANALYSIS
+            )
+            cases.append(ra)
+        return cases
 
-    cases = [
-        stream_case(n),
-        leaf_stream_case(params),
+    groups = [
+        [stream_case(n), leaf_stream_case(params)],
         upd(EMA, optax.ema(0.9), 4 * p, None),
         upd("ema_smoothing(0.9)", stab.ema_smoothing(0.9), 4 * p, EMA),
         upd("spike_clip()", stab.spike_clip(), 4 * p, EMA),
     ]
     for w in (5, 9):
-        cases.append(upd(f"moving_average({w})", stab.moving_average(w), 6 * p, EMA))
-        cases.append(
+        groups.append(upd(f"moving_average({w})", stab.moving_average(w), 6 * p, EMA))
+        groups.append(
             upd(f"windowed_median({w})", stab.windowed_median(w), (w + 3) * p, EMA)
         )
-    cases += [
+    groups += [
         train(ADAM, adam(), twin=None, ideal=7 * p),
         train("guard_nonfinite(adam) + apply", stab.guard_nonfinite(adam())),
         train("spike_guard(adam) + apply", stab.spike_guard(adam())),
@@ -218,8 +251,9 @@ def timing_cases(n: int, leaves: int, seed: int) -> list[Case]:
             2 * p,
             GLOBAL_CLIP,
         ),
+        list(_median_cases(params, grads, p)),
     ]
-    return cases + list(_median_cases(params, grads, p))
+    return [case for group in groups for case in group]
 
 
 def _adam():

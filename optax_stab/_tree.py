@@ -299,14 +299,17 @@ def total(tree: Any, fn: Any = None, *more: Any) -> jax.Array:
 
 
 def nonfinite_marker(x: jax.Array) -> jax.Array:
-    """``x * 0``: 0 where an element is finite, NaN where it is NaN or +-Inf.
+    """``x - x``: 0 where an element is finite, NaN where it is NaN or +-Inf.
 
     A complex element is marked NaN when either part is not finite (its
     modulus may overflow while both parts are finite; that is finite here).
     """
     if jnp.iscomplexobj(x):
-        return jnp.real(x) * 0 + jnp.imag(x) * 0
-    return x * 0
+        return nonfinite_marker(jnp.real(x)) + nonfinite_marker(jnp.imag(x))
+    # x - x, not x * 0: XLA:CPU's reduction kernel reads the 0 as a second
+    # full-size array (at 8M float32 in 16 leaves the sum took 1.6 ms, against
+    # 1.2 ms for x - x).
+    return x - x
 
 
 def all_finite(tree: Any, *, axis_name: Any = None) -> jax.Array:

@@ -28,6 +28,12 @@ STEP_CASES = {
     "sign_sqrt_amplification()",
     "median network, ring of 9",
     "jnp.median, ring of 9",
+    "optax.ema(0.9) [RA]",
+    "spike_clip() [RA]",
+    "optax.adam + apply [RA]",
+    "guard_nonfinite(adam) + apply [RA]",
+    "spike_guard(adam) + apply [RA]",
+    "spike_guard(zscore_clip,adam) + apply [RA]",
 }
 
 
@@ -76,8 +82,9 @@ def test_tiny_run_times_every_case_against_its_twin(tmp_path, capsys):
             _check_quartiles(row, "x_twin")
     assert steps["ema_smoothing(0.9)"]["twin"] == "optax.ema(0.9)"
     assert steps["spike_guard(adam) + apply"]["twin"] == "optax.adam + apply"
+    assert steps["spike_clip() [RA]"]["twin"] == "optax.ema(0.9) [RA]"
     targets = [r for r in rows if r["kind"] == "target"]
-    assert len(targets) == 8
+    assert len(targets) == 11
     for row in targets:
         _check_quartiles(row, "ratio")
         assert row["ok"] == (row["low"] <= row["ratio"] <= row["high"])

@@ -106,3 +106,36 @@ def test_tree_wide_decisions_add_no_kernels_per_leaf_over_their_optax_twins():
     )
     for ours, twin in pairs:
         assert _kernels(ours, 64) <= _kernels(twin, 64) + 16
+
+
+def _state_copies(tx, options) -> int:
+    """Full-size ``copy`` ops in a donated ``update`` + ``apply_updates`` step."""
+    params = [jnp.zeros((8192,)) for _ in range(2)]
+
+    def step(g, carry):
+        p, s = carry
+        u, s = tx.update(g, s, p, loss=jnp.float32(1.0))
+        return optax.apply_updates(p, u), s
+
+    f = jax.jit(step, donate_argnums=1, compiler_options=options)
+    text = f.lower(params, (params, tx.init(params))).compile().as_text()
+    return text[text.index("ENTRY") :].count("f32[8192]{0} copy(")
+
+
+def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
+    # The guards read the old inner state to keep it on a skipped step, and
+    # spike_clip's output reads the old nu, while the new state is written in
+    # place over the donated buffers. XLA:CPU's default copy insertion then
+    # copies that state every step (docs/benchmarks.md, "Copies"); with the
+    # option that docs/guide.md recommends, it finds an order that needs none.
+    import optax_stab
+    from optax_stab._bench_cases import REGION_ANALYSIS
+
+    adam = optax.adam(1e-3)
+    for tx in (
+        optax_stab.guard_nonfinite(adam),
+        optax_stab.spike_guard(adam),
+        optax_stab.stabilize(adam),
+        optax.chain(optax_stab.spike_clip(), adam),
+    ):
+        assert _state_copies(tx, REGION_ANALYSIS) == 0
