@@ -68,9 +68,9 @@ NOTES = (
     "    slot; write slot, sum, u); windowed_median (W+3)P; median of 9: 10P;",
     "  adam + apply 7P (read g, mu, nu, p; write mu, nu, p); a guard, health or",
     "    clip around it 8P (one more read of g for the tree-wide decision).",
-    "[RA]: the same step compiled with compiler_options="
-    "{'xla_cpu_copy_insertion_use_region_analysis': True}",
-    "  (no copy of the donated state; docs/benchmarks.md, Copies).",
+    "[RA]: the same step compiled with compiler_options=",
+    "  {'xla_cpu_copy_insertion_use_region_analysis': True}: XLA:CPU then",
+    "  makes no copy of the donated state (docs/benchmarks.md, Copies).",
 )
 
 

@@ -189,6 +189,11 @@ def spike_clip(
     float32 copy of the params (``nu_dtype`` can change it; a bfloat16
     :math:`\nu` cannot resolve ``decay=0.999`` updates). A step with a NaN or
     Inf passes unchanged and leaves :math:`\nu` and ``count`` untouched.
+    The clip reads the old :math:`\nu` while the new one is written: with
+    donated state on CPU, compile the step with
+    ``compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True}``
+    or XLA:CPU copies :math:`\nu` every step (``docs/benchmarks.md``,
+    "Copies").
 
     Args:
         threshold: :math:`\theta` > 0; SPAM uses 5000 against Adam's

@@ -108,16 +108,19 @@ def test_tree_wide_decisions_add_no_kernels_per_leaf_over_their_optax_twins():
         assert _kernels(ours, 64) <= _kernels(twin, 64) + 16
 
 
-def _state_copies(tx, options) -> int:
-    """Full-size ``copy`` ops in a donated ``update`` + ``apply_updates`` step."""
-    params = [jnp.zeros((8192,)) for _ in range(2)]
-
+def _donated_step(tx, options):
     def step(g, carry):
         p, s = carry
         u, s = tx.update(g, s, p, loss=jnp.float32(1.0))
         return optax.apply_updates(p, u), s
 
-    f = jax.jit(step, donate_argnums=1, compiler_options=options)
+    return jax.jit(step, donate_argnums=1, compiler_options=options)
+
+
+def _state_copies(tx, options) -> int:
+    """Full-size ``copy`` ops in a donated ``update`` + ``apply_updates`` step."""
+    params = [jnp.zeros((8192,)) for _ in range(2)]
+    f = _donated_step(tx, options)
     text = f.lower(params, (params, tx.init(params))).compile().as_text()
     return text[text.index("ENTRY") :].count("f32[8192]{0} copy(")
 
@@ -139,3 +142,20 @@ def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
         optax.chain(optax_stab.spike_clip(), adam),
     ):
         assert _state_copies(tx, REGION_ANALYSIS) == 0
+
+    # Only buffers move: a run with a skipped (NaN) step is bit for bit the
+    # run compiled without the option.
+    tx = optax_stab.guard_nonfinite(adam)
+    params = [jnp.linspace(-1.0, 1.0, 8192), jnp.ones((8192,))]
+    grads = [[p * 0.5 + 0.1, p - 0.3] for p in params]
+    grads.insert(1, [jnp.full((8192,), jnp.nan), params[1]])
+    runs = []
+    for options in (None, REGION_ANALYSIS):
+        f = _donated_step(tx, options)
+        carry = jax.tree.map(jnp.copy, (params, tx.init(params)))
+        for g in grads:
+            carry = f(g, carry)
+        runs.append(carry)
+    assert int(runs[0][1].nonfinite_steps) == 1
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        assert jnp.array_equal(a, b)
