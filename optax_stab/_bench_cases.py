@@ -190,6 +190,15 @@ def _median_cases(params, grads, p_bytes) -> tuple[Case, Case]:
     )
 
 
+def _with_region_analysis(build, name: str, twin: str | None) -> list[Case]:
+    """``build(name, twin, options)``; for RA_CASES also its REGION_ANALYSIS twin."""
+    cases = [build(name, twin, None)]
+    if name in RA_CASES:
+        twin_ra = None if twin is None else twin + RA
+        cases.append(build(name + RA, twin_ra, REGION_ANALYSIS))
+    return cases
+
+
 def timing_cases(n: int, leaves: int, seed: int) -> list[Case]:
     """Every timed case, unbuilt; the stream kernel first."""
     params, grads = split(n, leaves, seed)
@@ -200,22 +209,16 @@ def timing_cases(n: int, leaves: int, seed: int) -> list[Case]:
         return optax.adam(1e-3)
 
     def upd(name, tx, ideal, twin):
-        cases = [update_case(name, tx, grads, ideal, twin)]
-        if name in RA_CASES:
-            twin_ra = None if twin is None else twin + RA
-            ra = update_case(name + RA, tx, grads, ideal, twin_ra, REGION_ANALYSIS)
-            cases.append(ra)
-        return cases
+        def build(name, twin, options):
+            return update_case(name, tx, grads, ideal, twin, options)
+
+        return _with_region_analysis(build, name, twin)
 
     def train(name, tx, twin=ADAM, ideal=8 * p):
-        cases = [train_case(name, tx, params, grads, ideal, twin)]
-        if name in RA_CASES:
-            twin_ra = None if twin is None else twin + RA
-            ra = train_case(
-                name + RA, tx, params, grads, ideal, twin_ra, REGION_ANALYSIS
-            )
-            cases.append(ra)
-        return cases
+        def build(name, twin, options):
+            return train_case(name, tx, params, grads, ideal, twin, options)
+
+        return _with_region_analysis(build, name, twin)
 
     groups = [
         [stream_case(n), leaf_stream_case(params)],

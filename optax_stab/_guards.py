@@ -425,7 +425,8 @@ def spike_guard(
     donated state, compile the step with
     ``compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True}``
     as :func:`guard_nonfinite` says: without it XLA:CPU copies the inner
-    state every step (4.2x Adam's step, against 1.3-1.6x with it).
+    state every step (at 8M float32 in 16 leaves, ``spike_guard(adam)`` plus
+    ``apply_updates`` took 4.2x Adam's step without it, 1.6x with it).
 
     Args:
         inner: The transformation to guard.
