@@ -147,8 +147,12 @@ def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
     # run compiled without the option.
     tx = optax_stab.guard_nonfinite(adam)
     params = [jnp.linspace(-1.0, 1.0, 8192), jnp.ones((8192,))]
-    grads = [[p * 0.5 + 0.1, p - 0.3] for p in params]
-    grads.insert(1, [jnp.full((8192,), jnp.nan), params[1]])
+    ramp, ones = params
+    grads = [  # one gradient tree per step; the second holds a NaN leaf
+        [ramp * 0.5 + 0.1, ones * 0.2],
+        [jnp.full((8192,), jnp.nan), ones],
+        [ramp - 0.3, ones * -0.7],
+    ]
     runs = []
     for options in (None, REGION_ANALYSIS):
         f = _donated_step(tx, options)
