@@ -30,12 +30,23 @@ CLIP_ADAM = "clip_by_norm,adam + apply"
 GLOBAL_CLIP = "optax.clip_by_global_norm(1)"
 JNP_MEDIAN = "jnp.median, ring of 9"
 NETWORK = "median network, ring of 9"
-REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-"""XLA:CPU compiler option with which XLA elides the copies of donated state
-that it otherwise makes when a step reads the old state after writing the new
-in place (the guards' select, ``spike_clip``'s clip; docs/benchmarks.md)."""
+
+
+def region_analysis() -> dict[str, bool]:
+    """The compiler option with which XLA elides copies of donated state.
+
+    XLA otherwise copies donated state when a step reads the old state after
+    writing the new in place (the guards' select, ``spike_clip``'s clip;
+    docs/benchmarks.md). The option is per backend:
+    ``xla_cpu_copy_insertion_use_region_analysis`` on CPU,
+    ``xla_gpu_copy_insertion_use_region_analysis`` on GPU.
+    """
+    platform = "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+    return {f"xla_{platform}_copy_insertion_use_region_analysis": True}
+
+
 RA = " [RA]"
-# Cases timed a second time compiled with REGION_ANALYSIS (name + RA, twin +
+# Cases timed a second time compiled with region_analysis() (name + RA, twin +
 # RA); the first four are the twins of the others.
 RA_CASES = (
     EMA,
@@ -68,9 +79,10 @@ NOTES = (
     "    slot; write slot, sum, u); windowed_median (W+3)P; median of 9: 10P;",
     "  adam + apply 7P (read g, mu, nu, p; write mu, nu, p); a guard, health or",
     "    clip around it 8P (one more read of g for the tree-wide decision).",
-    "[RA]: the same step compiled with compiler_options=",
-    "  {'xla_cpu_copy_insertion_use_region_analysis': True}: XLA:CPU then",
-    "  makes no copy of the donated state (docs/benchmarks.md, Copies).",
+    "[RA]: the same step compiled with compiler_options=region_analysis(),",
+    "  {'xla_<cpu|gpu>_copy_insertion_use_region_analysis': True} for the",
+    "  backend: XLA then orders the reads of the old state before the in-place",
+    "  writes instead of copying the donated state (docs/benchmarks.md, Copies).",
 )
 
 
@@ -145,7 +157,7 @@ def update_case(name, tx, grads, ideal, twin=None, options=None) -> Case:
 
     Donating the previous updates lets XLA write the new ones in place, as
     when the update is consumed by ``apply_updates`` in the same step.
-    ``options`` are XLA compiler options (e.g. :data:`REGION_ANALYSIS`).
+    ``options`` are XLA compiler options (e.g. :func:`region_analysis`).
     """
 
     def step(g, carry):
@@ -191,11 +203,11 @@ def _median_cases(params, grads, p_bytes) -> tuple[Case, Case]:
 
 
 def _with_region_analysis(build, name: str, twin: str | None) -> list[Case]:
-    """``build(name, twin, options)``; for RA_CASES also its REGION_ANALYSIS twin."""
+    """``build(name, twin, options)``; for RA_CASES also its region-analysis twin."""
     cases = [build(name, twin, None)]
     if name in RA_CASES:
         twin_ra = None if twin is None else twin + RA
-        cases.append(build(name + RA, twin_ra, REGION_ANALYSIS))
+        cases.append(build(name + RA, twin_ra, region_analysis()))
     return cases
 
 

@@ -132,7 +132,7 @@ def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
     # copies that state every step (docs/benchmarks.md, "Copies"); with the
     # option that docs/guide.md recommends, it finds an order that needs none.
     import optax_stab
-    from optax_stab._bench_cases import REGION_ANALYSIS
+    from optax_stab._bench_cases import region_analysis
 
     adam = optax.adam(1e-3)
     for tx in (
@@ -141,7 +141,7 @@ def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
         optax_stab.stabilize(adam),
         optax.chain(optax_stab.spike_clip(), adam),
     ):
-        assert _state_copies(tx, REGION_ANALYSIS) == 0
+        assert _state_copies(tx, region_analysis()) == 0
 
     # Only buffers move: a run with a skipped (NaN) step is bit for bit the
     # run compiled without the option.
@@ -154,7 +154,7 @@ def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
         [ramp - 0.3, ones * -0.7],
     ]
     runs = []
-    for options in (None, REGION_ANALYSIS):
+    for options in (None, region_analysis()):
         f = _donated_step(tx, options)
         carry = jax.tree.map(jnp.copy, (params, tx.init(params)))
         for g in grads:
@@ -163,3 +163,46 @@ def test_region_analysis_compiles_guards_without_copies_of_the_donated_state():
     assert int(runs[0][1].nonfinite_steps) == 1
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         assert jnp.array_equal(a, b)
+
+
+def _full_size_arrays(tx) -> int:
+    """Full-size arrays in the compiled step: inputs, outputs, temporaries."""
+    params = [jnp.zeros((8192,)) for _ in range(2)]
+    text = _donated_step(tx, None).lower(params, (params, tx.init(params)))
+    text = text.compile().as_text()
+    return text[text.index("ENTRY") :].count("= f32[8192]{0} ")
+
+
+def test_norms_of_raw_gradients_keep_their_squares_apart_from_adams():
+    # XLA would merge a norm's g * g with Adam's g**2 and write the merged
+    # square out as a full-size temporary, fresh memory on every CPU step
+    # (2x Adam's step for spike_guard(adam) at 8M; _tree's module note,
+    # "Squares of their own"). Without the merge, the health monitor adds no
+    # full-size array to Adam's step, and spike_guard none to guard_nonfinite's
+    # (whose copies of the donated state both share without the option).
+    import optax_stab
+
+    adam = optax.adam(1e-3)
+    plain = _full_size_arrays(adam)
+    assert _full_size_arrays(optax.chain(optax_stab.health_monitor(), adam)) == plain
+    guarded = _full_size_arrays(optax_stab.guard_nonfinite(adam))
+    assert _full_size_arrays(optax_stab.spike_guard(adam)) == guarded
+
+
+def test_the_norms_barrier_is_lowered_for_cpu_only():
+    # On GPU the barrier would cost a write and a read of a computed input
+    # (_tree's module note); jax.export lowers for a platform without one.
+    from jax import export
+
+    from optax_stab import _tree
+
+    f = jax.jit(lambda g: _tree.global_norm(g))
+    arg = [jax.ShapeDtypeStruct((64,), jnp.float32)]
+    barriers = {
+        p: export.export(f, platforms=[p])(arg)
+        .mlir_module()
+        .count("optimization_barrier")
+        for p in ("cpu", "cuda", "rocm")
+    }
+    assert barriers["cpu"] >= 1
+    assert barriers["cuda"] == barriers["rocm"] == 0
