@@ -70,6 +70,7 @@ TARGETS = (
     ("guard_nonfinite(adam) + apply" + RA, ADAM + RA, 0.0, 1.2),
     ("spike_guard(adam) + apply" + RA, ADAM + RA, 0.0, 1.2),
     ("health,clip_by_norm,adam + apply", CLIP_ADAM, 0.0, 1.25),
+    ("health,adam + apply", ADAM, 0.0, 1.25),
 )
 NOTES = (
     "ideal bytes per step (P = bytes of the params): stream 2P (also leaf by leaf);",
@@ -251,6 +252,7 @@ def timing_cases(n: int, leaves: int, seed: int) -> list[Case]:
             "spike_guard(zscore_clip,adam) + apply",
             stab.spike_guard(optax.chain(stab.zscore_clip(max_norm=1.0), adam())),
         ),
+        train("health,adam + apply", optax.chain(stab.health_monitor(), adam())),
         train(CLIP_ADAM, optax.chain(stab.clip_by_norm(1.0), adam()), twin=None),
         train(
             "health,clip_by_norm,adam + apply",

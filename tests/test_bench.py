@@ -20,6 +20,7 @@ STEP_CASES = {
     "guard_nonfinite(adam) + apply",
     "spike_guard(adam) + apply",
     "spike_guard(zscore_clip,adam) + apply",
+    "health,adam + apply",
     "clip_by_norm,adam + apply",
     "health,clip_by_norm,adam + apply",
     "optax.clip_by_global_norm(1)",
@@ -84,7 +85,7 @@ def test_tiny_run_times_every_case_against_its_twin(tmp_path, capsys):
     assert steps["spike_guard(adam) + apply"]["twin"] == "optax.adam + apply"
     assert steps["spike_clip() [RA]"]["twin"] == "optax.ema(0.9) [RA]"
     targets = [r for r in rows if r["kind"] == "target"]
-    assert len(targets) == 11
+    assert len(targets) == 12
     for row in targets:
         _check_quartiles(row, "ratio")
         assert row["ok"] == (row["low"] <= row["ratio"] <= row["high"])
