@@ -55,12 +55,13 @@ adam)``) would share its ``g * g`` with Adam's ``g**2``: XLA's common
 subexpression elimination merges the two, and the merged square, read by the
 norm's reduction and by Adam's update, is written out in full as a temporary.
 On XLA:CPU that temporary is fresh memory on every step: at 8M float32 in 16
-leaves, ``spike_guard(adam)`` plus ``apply_updates`` took 2.1-3.2x Adam's
-step, with about 7400 page faults per step. :func:`squared_norm` therefore
+leaves, ``spike_guard(adam)`` plus ``apply_updates`` took 1.9-3.9x Adam's
+step, with 5300-7800 page faults per step. :func:`squared_norm` therefore
 squares its input behind ``lax.optimization_barrier`` when compiled for
 CPU, which the merge does not see through (the CPU pipeline removes the
-barrier only after it, before fusion): 1.18x, no page faults, and a plain
-norm as fast as ``optax.tree.norm``'s. Other spellings of the square that XLA
+barrier only after it, before fusion): 1.18-1.21x, no page faults, and a
+lone norm as fast as before (``docs/benchmarks.md``, "A norm's own
+square"). Other spellings of the square that XLA
 does not merge (``-(x * -x)``, ``(x / 2)**2 * 4``) cost 15-20% more in every
 norm. On GPU the barrier is left out (``lax.platform_dependent``): XLA:GPU
 fuses the shared square into one kernel with both consumers, and keeps the
