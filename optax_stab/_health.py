@@ -125,14 +125,18 @@ def health_monitor(
         )
         del params, extra_args
         beta = _numerics.as_stat(decay)
-        leaf_norms = _tree.leaf_norms(updates, axis_name=axis_name)
-        norms = [jnp.asarray(n, jnp.float32) for n in jax.tree.leaves(leaf_norms)]
-        stacked = jnp.stack(norms) if norms else jnp.zeros([1], jnp.float32)
+        # One vector of norms (compiles faster than separate scalars when
+        # they are only stored and reduced, _tree.leaf_norm_vector).
+        norms = _tree.leaf_norm_vector(updates, axis_name=axis_name)
+        norms = norms.astype(jnp.float32)
+        leaves, treedef = jax.tree.flatten(updates)
+        leaf_norms = jax.tree.unflatten(treedef, list(jnp.unstack(norms)))
+        stacked = norms if leaves else jnp.zeros([1], jnp.float32)
         smallest, largest = _tree.extrema(stacked)
-        grad_norm = _tree.combine_norms(leaf_norms).astype(jnp.float32)
+        grad_norm = _tree.combine_norms(stacked).astype(jnp.float32)
         finite = jnp.isfinite(grad_norm)
         # A leaf is non-finite when its norm is: no second pass over the data.
-        bad_leaves = sum((~jnp.isfinite(n)).astype(jnp.int32) for n in norms)
+        bad_leaves = jnp.sum(~jnp.isfinite(norms), dtype=jnp.int32)
 
         # Fold the previous step's norm (if finite) into the statistics: the
         # current norm is then scored against the steps before it.

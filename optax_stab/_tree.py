@@ -45,9 +45,19 @@ and LLVM, at a cost that grows with the operations in it. On 256 leaves of
 1K, scaling each leaf by its own scalar input compiled in 0.11 s, a 20-step
 elementwise chain per leaf in 5.4 s (0.07 s on one leaf), and scaling by
 slices ``v[i]`` of one vector of scalars in 2.1 s against 0.09 s for
-separate scalar inputs. Per-leaf results (:func:`leaf_norms`) therefore keep
-one reduction per leaf, and per-leaf scalars are never unstacked from a
-vector.
+separate scalar inputs. Per-leaf results that feed per-leaf kernels
+(:func:`leaf_norms`) therefore keep one plain reduction per leaf, as
+separate scalars. Results that are only reduced or stored come as one
+vector (:func:`leaf_norm_vector`): ``health_monitor``'s lower+compile on
+1024 leaves of 1K went from 18.7 s to 8.6 s with it (the twin,
+``optax.clip_by_global_norm``: 3.9 s), while ``adaptive_tensor_clip``, whose
+per-leaf clips read the norms, compiled in 26.7 s against 11.2 s from the
+vector at 512 leaves. Both rescue the leaves' sums in one branch
+(:func:`_rescued_leaf_sums`), small leaves summed stacked. On 1024 leaves
+of 1K, jitted alone: :func:`leaf_norms` compiled in 13.0 s (14.7 s when the
+rescue summed leaf by leaf) and ran in 5.1 ms, 5.9 ms when a zero leaf takes
+the rescue (6.5 and 7.2 ms before); :func:`leaf_norm_vector` compiled in
+3.0 s and ran in 2.6 ms, 3.1 ms with the rescue.
 
 **Squares of their own.** A norm taken of the raw gradients that an inner
 optimizer then squares too (``spike_guard(adam)``, ``chain(health_monitor(),
@@ -78,6 +88,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_stab import _numerics
 
@@ -96,17 +107,29 @@ def aligned_groups(*trees: Any) -> list[tuple[jax.Array, ...]]:
     leaves are dropped. Returns one tuple (an array per tree) per group.
     """
     flat = [[jnp.asarray(x) for x in jax.tree.leaves(t)] for t in trees]
-    groups: list[tuple[jax.Array, ...]] = []
-    small: dict[Any, list[int]] = {}
-    for i, x in enumerate(flat[0]):
-        if x.size >= SMALL_LEAF:
-            groups.append(tuple(leaves[i] for leaves in flat))
-        elif x.size:
-            key = tuple((leaves[i].shape, leaves[i].dtype) for leaves in flat)
-            small.setdefault(key, []).append(i)
-    for idx in small.values():
+    alone, stacks = _leaf_groups(flat)
+    groups = [tuple(leaves[i] for leaves in flat) for i in alone if flat[0][i].size]
+    for idx in stacks:
         groups.append(tuple(jnp.stack([leaves[i] for i in idx]) for leaves in flat))
     return groups
+
+
+def _leaf_groups(flat: list[list[jax.Array]]) -> tuple[list[int], list[list[int]]]:
+    """Indices of the leaves reduced one by one, and of the stacks of small ones.
+
+    ``flat`` holds the leaves of aligned trees. A leaf of :data:`SMALL_LEAF`
+    elements or more (or none) is reduced alone; the smaller ones are stacked
+    per shape and dtype in every tree.
+    """
+    alone: list[int] = []
+    small: dict[Any, list[int]] = {}
+    for i, x in enumerate(flat[0]):
+        if x.size >= SMALL_LEAF or not x.size:
+            alone.append(i)
+        else:
+            key = tuple((leaves[i].shape, leaves[i].dtype) for leaves in flat)
+            small.setdefault(key, []).append(i)
+    return alone, list(small.values())
 
 
 def reduction_groups(tree: Any) -> list[jax.Array]:
@@ -159,29 +182,27 @@ def _abs2(x: jax.Array, dtype: Any, scale: Any = None) -> jax.Array:
     return out
 
 
-def squared_norm(x: jax.Array, dtype: Any = None, scale: Any = None) -> jax.Array:
-    """Sum of ``|x * scale|**2`` over one array, in ``dtype`` (default float32).
+def squared_norm(
+    x: jax.Array, dtype: Any = None, scale: Any = None, axes: Any = None
+) -> jax.Array:
+    """Sum of ``|x * scale|**2`` over ``axes`` of one array (default all).
 
-    The plain one-pass sum: without ``scale`` it overflows to Inf for elements
-    beyond about ``1.8e19`` and drops elements under about ``1e-19``;
-    :func:`leaf_norms` and :func:`global_norm` rescue both. Complex elements
-    contribute ``re**2 + im**2``.
+    In ``dtype`` (default float32). The plain one-pass sum: without ``scale``
+    it overflows to Inf for elements beyond about ``1.8e19`` and drops
+    elements under about ``1e-19``; :func:`leaf_norms` and
+    :func:`global_norm` rescue both. Complex elements contribute
+    ``re**2 + im**2``.
     """
     dtype = _numerics.resolve_dtype(dtype)
     if scale is None:  # module note, "Squares of their own"
         x = jax.lax.platform_dependent(
             jnp.asarray(x), cpu=jax.lax.optimization_barrier, default=lambda x: x
         )
-    return jnp.sum(_abs2(x, dtype, scale), dtype=dtype)
+    return jnp.sum(_abs2(x, dtype, scale), axis=axes, dtype=dtype)
 
 
 def _psum(x: jax.Array, axis_name: Any) -> jax.Array:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def leaf_squared_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
-    """Per-leaf plain sums of squares (may overflow: see :func:`squared_norm`)."""
-    return jax.tree.map(lambda x: _psum(squared_norm(x, dtype), axis_name), tree)
 
 
 def _low(dtype: Any) -> float:
@@ -237,31 +258,67 @@ def _global_norm_branches(axis_name: Any, dtype: Any):
     return slow, fast
 
 
+def _rescued_leaf_sums(
+    totals: jax.Array, leaves: list, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Each leaf's sum of squares again, scaled by its own power of two.
+
+    ``totals`` is the vector of the leaves' plain sums; a leaf that needs no
+    rescue is scaled by 1. The small leaves are summed stacked per shape and
+    dtype (one kernel per stack), each row scaled by its leaf's factor
+    (module note, "Per-leaf kernels", for the figures). Returns the vector of
+    scaled sums in leaf order, and the vector of factors.
+    """
+    c = _rescue_scale(totals)
+    alone, stacks = _leaf_groups([leaves])
+    parts, order = [], []
+    for i in alone:
+        parts.append(squared_norm(leaves[i], dtype, c[i])[None])
+        order.append(i)
+    for idx in stacks:
+        x = jnp.stack([leaves[i] for i in idx])
+        rows = c[np.asarray(idx)].reshape((-1,) + (1,) * (x.ndim - 1))
+        parts.append(squared_norm(x, dtype, rows, axes=tuple(range(1, x.ndim))))
+        order += idx
+    return jnp.concatenate(parts)[np.argsort(np.asarray(order))], c
+
+
 @functools.cache
 def _leaf_norm_branches(axis_name: Any, dtype: Any):
-    def one(x, total):
-        # Every leaf is summed again, scaled by its own power of two (1 where
-        # it needs no rescue), and selected: a cond per leaf here would
-        # compile a branch computation per leaf.
-        c = _rescue_scale(total)
-        rescued = total_sqrt(_psum(squared_norm(x, dtype, c), axis_name)) / c
-        return jnp.where(_needs_rescue(total), rescued, safe_sqrt(total))
+    def vector_slow(totals, leaves):
+        sums, c = _rescued_leaf_sums(totals, leaves, dtype)
+        rescued = total_sqrt(_psum(sums, axis_name)) / c
+        return jnp.where(_needs_rescue(totals), rescued, safe_sqrt(totals))
 
-    def slow(totals, tree):
-        return jax.tree.map(one, tree, totals)
+    def vector_fast(totals, leaves):
+        del leaves
+        return safe_sqrt(totals)
 
-    def fast(totals, tree):
-        del tree
-        return jax.tree.map(safe_sqrt, totals)
+    def slow(totals, leaves):
+        return list(jnp.unstack(vector_slow(jnp.stack(totals), leaves)))
 
-    return slow, fast
+    def fast(totals, leaves):
+        del leaves
+        return [safe_sqrt(t) for t in totals]
+
+    return (slow, fast), (vector_slow, vector_fast)
+
+
+def _leaf_norm_inputs(tree: Any, dtype: Any):
+    """The leaves' plain sums of squares, the leaves and the tree structure."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [jnp.asarray(x) for x in leaves]
+    return [squared_norm(x, dtype) for x in leaves], leaves, treedef
 
 
 def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
     """Per-leaf L2 norms (a pytree of scalars), zero- and overflow-safe.
 
     Each leaf's norm is exact to float32 rounding over the range of
-    :func:`global_norm`; complex elements count :math:`|z|^2`.
+    :func:`global_norm`; complex elements count :math:`|z|^2`. For
+    consumers that work leaf by leaf (each norm a separate scalar: module
+    note, "Per-leaf kernels"); :func:`leaf_norm_vector` for those that
+    reduce or store them.
 
     Args:
         tree: A pytree of arrays of any float or complex dtype.
@@ -271,14 +328,34 @@ def leaf_norms(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> Any:
         dtype: Accumulation dtype; ``None`` means float32.
     """
     dtype = _numerics.resolve_dtype(dtype)
-    totals = leaf_squared_norms(tree, axis_name=axis_name, dtype=dtype)
-    if not jax.tree.leaves(totals):
-        return totals
-
+    sums, leaves, treedef = _leaf_norm_inputs(tree, dtype)
+    if not leaves:
+        return jax.tree.unflatten(treedef, [])
+    totals = [_psum(x, axis_name) for x in sums]
     # One cond for the whole tree: the common step pays one predicate.
-    slow, fast = _leaf_norm_branches(axis_name, dtype)
-    rescue = any_leaf(jax.tree.map(_needs_rescue, totals))
-    return jax.lax.cond(rescue, slow, fast, totals, tree)
+    (slow, fast), _ = _leaf_norm_branches(axis_name, dtype)
+    rescue = any_leaf([_needs_rescue(t) for t in totals])
+    return jax.tree.unflatten(treedef, jax.lax.cond(rescue, slow, fast, totals, leaves))
+
+
+def leaf_norm_vector(
+    tree: Any, *, axis_name: Any = None, dtype: Any = None
+) -> jax.Array:
+    """The norms of :func:`leaf_norms` as one vector, in leaf order.
+
+    The same values. The plain sums are stacked and rescued as one vector
+    (one ``psum`` across ``axis_name``), which compiles faster than separate
+    scalars when the norms are reduced or stored (``health_monitor`` on 1024
+    leaves of 1K on CPU: 8.6 s against 18.7 s) and slower when each feeds its
+    own leaf's kernel (module note, "Per-leaf kernels").
+    """
+    dtype = _numerics.resolve_dtype(dtype)
+    sums, leaves, _ = _leaf_norm_inputs(tree, dtype)
+    if not leaves:
+        return jnp.zeros([0], dtype)
+    totals = _psum(jnp.stack(sums), axis_name)
+    _, (slow, fast) = _leaf_norm_branches(axis_name, dtype)
+    return jax.lax.cond(jnp.any(_needs_rescue(totals)), slow, fast, totals, leaves)
 
 
 def global_norm(tree: Any, *, axis_name: Any = None, dtype: Any = None) -> jax.Array:

@@ -119,6 +119,7 @@ def test_map_unzip_and_any_leaf():
 # under 4e-7; rtol 1e-6 leaves room without hiding a lost or doubled term.
 RANGE_RTOL = 1e-6
 _norms = jax.jit(lambda t: (_tree.global_norm(t), _tree.leaf_norms(t)))
+_vector = jax.jit(_tree.leaf_norm_vector)
 
 
 def _ref(x) -> float:
@@ -152,8 +153,10 @@ def test_huge_tiny_mixed_complex_and_bf16_norms_match_float64(case):
         [np.asarray(x).astype(np.complex128).ravel() for x in tree.values()]
     )
     np.testing.assert_allclose(float(g), _ref(flat), rtol=RANGE_RTOL)
+    refs = [_ref(x) for x in jax.tree.leaves(tree)]
     for k, x in tree.items():
         np.testing.assert_allclose(float(leaf[k]), _ref(x), rtol=RANGE_RTOL)
+    np.testing.assert_allclose(np.asarray(_vector(tree)), refs, rtol=RANGE_RTOL)
 
 
 def test_complex_norm_uses_the_modulus():
@@ -189,6 +192,26 @@ def test_norms_of_values_from_1e_30_to_1e30_match_float64(w, b):
     np.testing.assert_allclose(float(g), _ref(whole), rtol=RANGE_RTOL)
     for k in tree:
         np.testing.assert_allclose(float(leaf[k]), _ref(tree[k]), rtol=RANGE_RTOL)
+    refs = [_ref(tree["b"]), _ref(tree["w"])]  # leaf order: sorted keys
+    np.testing.assert_allclose(np.asarray(_vector(tree)), refs, rtol=RANGE_RTOL)
+
+
+def test_stacked_small_leaves_are_rescued_row_by_row():
+    # Same-shape small leaves are summed again stacked when any leaf needs the
+    # rescue, each row scaled by its own power of two: rows that overflow,
+    # underflow, are zero, NaN, beyond float32's max or plain sit side by side,
+    # with a large leaf (summed alone) and a leaf of another shape.
+    rows = np.float32(
+        [[3e30, 4e30, 0], [3e-30, 4e-30, 0], [1, 2, 2], [0, 0, 0], [1, np.nan, 0]]
+    )
+    tree = [*rows, np.float32([3e38, 3e38, 0]), np.full(5000, 1e-3, np.float32)]
+    tree.append(np.float32([[1e-25, 0], [0, 1e-25]]))
+    refs = np.asarray([_ref(x) for x in tree])
+    plain = np.array([0, 1, 2, 3, 6, 7])  # 4: NaN; 5: 4.2e38, beyond float32
+    leaf = _norms(tree)[1]
+    for got in (np.asarray(_vector(tree)), np.asarray(leaf)):
+        np.testing.assert_allclose(got[plain], refs[plain], rtol=RANGE_RTOL)
+        assert np.isnan(got[4]) and np.isinf(got[5])
 
 
 def test_vmap_and_gradient_of_a_rescued_norm():
@@ -316,7 +339,7 @@ def test_eager_norms_compile_once():
                 compiles.append(record.getMessage())
 
     tree = {"a": jnp.ones(3), "b": jnp.full((2, 2), 1e30)}  # b takes the rescue
-    for fn in (_tree.global_norm, _tree.leaf_norms):
+    for fn in (_tree.global_norm, _tree.leaf_norms, _tree.leaf_norm_vector):
         fn(tree)
     handler = Record()
     logging.getLogger("jax").addHandler(handler)
@@ -324,8 +347,10 @@ def test_eager_norms_compile_once():
         with jax.log_compiles():
             norm = _tree.global_norm(tree)
             leaf = _tree.leaf_norms(tree)
+            vector = _tree.leaf_norm_vector(tree)
     finally:
         logging.getLogger("jax").removeHandler(handler)
     assert compiles == []
     np.testing.assert_allclose(norm, 2e30, rtol=1e-6)
     np.testing.assert_allclose(leaf["b"], 2e30, rtol=1e-6)
+    np.testing.assert_allclose(vector, [np.sqrt(3), 2e30], rtol=1e-6)
