@@ -251,8 +251,9 @@ def guard_nonfinite(
         out, inner_state = inner.update(
             updates, state.inner_state, params, **extra_args
         )
-        return _zero_where(skip, out), GuardNonfiniteState(
-            inner_state=optax.tree.where(skip, state.inner_state, inner_state),
+        skip_leaves = _tree.decided(skip)
+        return _zero_where(skip_leaves, out), GuardNonfiniteState(
+            inner_state=optax.tree.where(skip_leaves, state.inner_state, inner_state),
             nonfinite_steps=_numerics.increment_if(bad, state.nonfinite_steps),
             consecutive_nonfinite=consecutive,
             applied_nonfinite_steps=_numerics.increment_if(
@@ -565,7 +566,9 @@ def spike_guard(
         """Skips, rescales or resets as ``action`` says; returns out, inner state."""
         grads, inner_state = updates, state.inner_state
         skip = d.acting if action == "skip" else d.nonfinite
-        acted = d.acting & ~d.nonfinite
+        # Read by every leaf's kernel: computed once (_tree.decided).
+        skip_leaves = _tree.decided(skip)
+        acted = _tree.decided(d.acting & ~d.nonfinite)
         if action == "rescale":
             limit = jnp.where(acted, d.norm_limit, jnp.inf)
             grads, _ = _tree.clip_to_norm(updates, d.norm, limit)
@@ -575,8 +578,8 @@ def spike_guard(
                 acted, optax.tree.cast_like(fresh, inner_state), inner_state
             )
         out, new_inner = inner.update(grads, inner_state, params, **extra_args)
-        new_inner = optax.tree.where(skip, state.inner_state, new_inner)
-        return _zero_where(skip, out), new_inner, skip
+        new_inner = optax.tree.where(skip_leaves, state.inner_state, new_inner)
+        return _zero_where(skip_leaves, out), new_inner, skip
 
     def update_fn(updates, state, params=None, **extra_args):
         loss = _loss_of(extra_args, axis_name)
