@@ -158,17 +158,27 @@ def weighted_sum(
     """
 
     n = window_size(ring)
+    # The slot weights as scalars, sliced once for all leaves: every op traced
+    # per leaf is compiled once per leaf.
+    scalars = {}
+
+    def weight(ct, s):
+        if ct not in scalars:
+            w = weights.astype(ct)
+            scalars[ct] = [w[k] for k in range(n)]
+        return scalars[ct][s]
 
     def combine(buf, ref):
         ct = _numerics.compute_dtype(buf.dtype) if dtype is None else dtype
-        w = weights.astype(ct)
         if n <= _UNROLL_MAX:
             # One elementwise fusion reading each slot once; XLA's reduction
             # over a leading axis is several times slower on CPU.
-            acc = w[0] * buf[0].astype(ct)
+            slots = [x.astype(ct) for x in jnp.unstack(buf)]
+            acc = weight(ct, 0) * slots[0]
             for s in range(1, n):
-                acc = acc + w[s] * buf[s].astype(ct)
+                acc = acc + weight(ct, s) * slots[s]
         else:
+            w = weights.astype(ct)
             wb = w.reshape((-1,) + (1,) * (buf.ndim - 1))
             acc = jnp.sum(wb * buf.astype(ct), axis=0)
         return acc.astype(ref.dtype)
