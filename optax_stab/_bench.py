@@ -19,7 +19,8 @@ load from other processes hits candidates and twins alike. Reported per case:
 
 A targets table prints PASS/MISS next to each measured ratio. ``--compile``
 instead prints the lower+compile time of each transform's jitted update on 16,
-256 and 1024 leaves of 1024 float32, next to its optax twin.
+256 and 1024 leaves of 1024 float32, next to its optax twin, and what each
+leaf adds to the compiled program (HLO ops, kernels, distinct kernels).
 """
 
 from __future__ import annotations
@@ -315,7 +316,38 @@ def compile_table(leaf_counts: Sequence[int]) -> list[dict]:
         f"\ntargets: <= 2x the twin's compile time at {counts[-1]} leaves, and "
         "growth <= 1.25x the growth of the leaf count"
     )
+    _per_leaf_table(rows)
     return rows
+
+
+def _per_leaf_table(rows: list[dict], small: int = 8, large: int = 24) -> None:
+    """What each leaf adds to the compiled program, next to the twin's.
+
+    Counted from the HLO at ``small`` and ``large`` leaves (the difference
+    over ``large - small``): XLA:CPU's compile time grows with these counts
+    (docs/benchmarks.md, "What a leaf costs to compile").
+    """
+    print(
+        f"\nper leaf (HLO at {small} and {large} leaves): ops handed to XLA, "
+        "kernels compiled, kernels distinct from the other leaves'"
+    )
+    print(
+        f"{'transform':<30}{'ops':>7}{'kernels':>9}{'distinct':>10}{'x twin ops':>12}"
+    )
+    makers = dict(cases_lib.COMPILE_TWINS)
+    makers.update((name, make) for name, make, _ in cases_lib.COMPILE_CASES)
+    per_leaf = {}
+    for row in rows:
+        a, b = (cases_lib.hlo_counts(makers[row["case"]](), n) for n in (small, large))
+        counts = {k: (b[k] - a[k]) / (large - small) for k in a}
+        per_leaf[row["case"]] = row["per_leaf"] = counts
+        twin = "" if row["twin"] is None else per_leaf[row["twin"]]["ops"]
+        ratio = f"{counts['ops'] / twin:12.2f}" if twin else ""
+        print(
+            f"{row['case']:<30}{counts['ops']:7.1f}{counts['kernels']:9.2f}"
+            f"{counts['distinct']:10.2f}{ratio}",
+            flush=True,
+        )
 
 
 def run(args: argparse.Namespace, command: str) -> list[dict]:

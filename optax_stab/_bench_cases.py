@@ -10,6 +10,7 @@ bytes of the parameters (``n`` float32 elements).
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -308,8 +309,8 @@ COMPILE_CASES = (
 )
 
 
-def compile_seconds(tx, leaves: int, leaf_size: int = 1024) -> float:
-    """Seconds to lower and compile ``jax.jit(tx.update)`` on ``leaves`` leaves.
+def _lowered(tx, leaves: int, leaf_size: int):
+    """``jax.jit(tx.update)`` lowered on ``leaves`` abstract leaves.
 
     The update gets params and ``loss=jnp.float32(1.0)``, as in a guarded
     training loop; shapes are abstract, so nothing runs.
@@ -317,6 +318,51 @@ def compile_seconds(tx, leaves: int, leaf_size: int = 1024) -> float:
     tx = optax.with_extra_args_support(tx)
     params = [jax.ShapeDtypeStruct((leaf_size,), jnp.float32)] * leaves
     state = jax.eval_shape(tx.init, params)
+    return jax.jit(tx.update).lower(params, state, params, loss=jnp.float32(1.0))
+
+
+def compile_seconds(tx, leaves: int, leaf_size: int = 1024) -> float:
+    """Seconds to lower and compile ``jax.jit(tx.update)`` on ``leaves`` leaves."""
     t0 = time.perf_counter()
-    jax.jit(tx.update).lower(params, state, params, loss=jnp.float32(1.0)).compile()
+    _lowered(tx, leaves, leaf_size).compile()
     return time.perf_counter() - t0
+
+
+_KERNEL_OPS = ("fusion", "copy", "conditional")
+
+
+def _canonical(body: str) -> str:
+    """A computation's text without its instruction names and metadata."""
+    body = re.sub(r", metadata=\{[^}]*\}", "", body)
+    names: dict[str, str] = {}
+    return re.sub(
+        r"%([\w.\-]+)", lambda m: names.setdefault(m[1], f"%v{len(names)}"), body
+    )
+
+
+def hlo_counts(tx, leaves: int, leaf_size: int = 1024) -> dict[str, int]:
+    """What XLA compiles for ``jax.jit(tx.update)`` on ``leaves`` leaves.
+
+    - ``ops``: instructions of the HLO handed to XLA (before optimisation):
+      XLA:CPU's passes cost time per instruction, for every leaf;
+    - ``kernels``: fusions, copies and conditionals of the optimised
+      program (a conditional's branches included), each compiled on its own;
+    - ``distinct``: how many of the fused computations differ (XLA:CPU
+      compiles a kernel once for all identical fusions; a leaf-specific
+      constant, a slice ``v[i]`` of a vector, makes one per leaf).
+    """
+    lowered = _lowered(tx, leaves, leaf_size)
+    ops = len(re.findall(r"^\s+(?:ROOT )?\S+ = ", lowered.as_text("hlo"), re.M))
+    text = lowered.compile().as_text()
+    kernels = sum(
+        1 for line in text.splitlines() if any(f" {op}(" in line for op in _KERNEL_OPS)
+    )
+    bodies = {
+        name: re.sub(r"[\w.]+: ", "", params) + _canonical(body)
+        for name, params, body in re.findall(
+            r"^(%[\w.\-]+) \(([^)]*)\) -> [^{]*\{\n(.*?)\n\}", text, re.M | re.S
+        )
+    }
+    called = re.findall(r" fusion\(.*?calls=(%[\w.\-]+)", text)
+    distinct = len({bodies[c] for c in called if c in bodies})
+    return {"ops": ops, "kernels": kernels, "distinct": distinct}

@@ -2,9 +2,10 @@
 
 import json
 
+import optax
 import pytest
 
-from optax_stab import _bench, _cli
+from optax_stab import _bench, _bench_cases, _cli
 
 STEP_CASES = {
     "stream x = 0.5*x + 0.5",
@@ -107,4 +108,31 @@ def test_tiny_compile_table(capsys, no_compilation_cache):
             assert row["twin_seconds"] == by_name[row["twin"]]["seconds"]
             assert row["growth"] == pytest.approx(row["seconds"][1] / row["seconds"][0])
             assert row["growth_max"] == pytest.approx(2.5)
-    assert "growth 4->8" in capsys.readouterr().out
+        per_leaf = row["per_leaf"]
+        assert per_leaf["ops"] > 0 and per_leaf["kernels"] > 0.5, row["case"]
+    out = capsys.readouterr().out
+    assert "growth 4->8" in out
+    assert "per leaf (HLO at 8 and 24 leaves)" in out
+
+
+class _PerLeaf(optax.GradientTransformation):
+    """Scales leaf i by ``scales(i)``: a stateless update, one kernel per leaf."""
+
+    def __new__(cls, scales):
+        def update(updates, state, params=None):
+            del params
+            return [x * scales(i) for i, x in enumerate(updates)], state
+
+        return super().__new__(cls, lambda p: optax.EmptyState(), update)
+
+
+def test_hlo_counts_tell_shared_kernels_from_leaf_specific_ones():
+    # Every leaf scaled by 2: one kernel per leaf, all the same computation.
+    # Leaf i scaled by i + 2: the constant makes every kernel its own.
+    shared = [_bench_cases.hlo_counts(_PerLeaf(lambda i: 2.0), n) for n in (4, 12)]
+    own = [_bench_cases.hlo_counts(_PerLeaf(lambda i: i + 2.0), n) for n in (4, 12)]
+    for a, b in (shared, own):
+        assert b["kernels"] - a["kernels"] == 8
+        assert b["ops"] > a["ops"]
+    assert shared[1]["distinct"] == shared[0]["distinct"] == 1
+    assert own[0]["distinct"] == 4 and own[1]["distinct"] == 12

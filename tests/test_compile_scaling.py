@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+from optax_stab import _bench_cases
 from tests import registry
 
 SMALL, LARGE = 8, 32
@@ -78,14 +79,8 @@ def test_ema_smoothing_compiles_within_a_few_times_optax_ema_at_512_leaves(
 
 
 def _kernels(tx, n: int) -> int:
-    """Kernels (fusions, copies, conditionals) of the optimised entry computation."""
-    text = _compiled(tx, n, size=1024).as_text()
-    entry = text[text.index("ENTRY") :]
-    return sum(
-        1
-        for line in entry.splitlines()
-        if any(f" {op}(" in line for op in ("fusion", "copy", "conditional"))
-    )
+    """Kernels (fusions, copies, conditionals) of the optimised program."""
+    return _bench_cases.hlo_counts(tx, n)["kernels"]
 
 
 def test_tree_wide_decisions_add_no_kernels_per_leaf_over_their_optax_twins():
