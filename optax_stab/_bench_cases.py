@@ -10,6 +10,7 @@ bytes of the parameters (``n`` float32 elements).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -103,9 +104,14 @@ class Case:
         carry: The buffers fed back each step.
         ideal_bytes: Bytes an ideal kernel reads and writes per step.
         twin: Name of the case it is compared with, or None.
+        lower: ``carry -> jax.stages.Lowered`` of the jitted step, or None.
         build_s: Seconds to trace, compile and run the first step.
         donated: Whether the first step consumed (donated) every carried
             array; scalars are not checked (XLA may keep a few).
+        hlo_bytes: Bytes the compiled step reads and writes by XLA's cost
+            model (``cost_analysis()["bytes accessed"]``), or None. The model
+            counts a conditional's costliest branch: for a norm, its rarely
+            taken rescue pass.
     """
 
     name: str
@@ -113,11 +119,15 @@ class Case:
     carry: Any
     ideal_bytes: int
     twin: str | None = None
+    lower: Callable[[Any], Any] | None = None
     build_s: float = 0.0
     donated: bool = False
+    hlo_bytes: float | None = None
 
     def build(self) -> Case:
         """Compiles and runs the first step (untimed); checks the donation."""
+        if self.lower is not None:
+            self.hlo_bytes = bytes_accessed(self.lower(self.carry).compile())
         t0 = time.perf_counter()
         old = jax.tree.leaves(self.carry)
         self.carry = jax.block_until_ready(self.step(self.carry))
@@ -130,6 +140,15 @@ class Case:
         t0 = time.perf_counter()
         self.carry = jax.block_until_ready(self.step(self.carry))
         return time.perf_counter() - t0
+
+
+def bytes_accessed(compiled) -> float | None:
+    """XLA's count of the bytes a compiled program reads and writes, or None."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # one entry per program in older jax
+        cost = cost[0] if cost else None
+    value = (cost or {}).get("bytes accessed")
+    return None if value is None else float(value)
 
 
 def _fresh(tree: Any) -> Any:
@@ -149,14 +168,15 @@ def split(n: int, leaves: int, seed: int) -> tuple[list, list]:
 def stream_case(n: int) -> Case:
     """The roofline kernel: a donated in-place read-one, write-one stream."""
     f = jax.jit(lambda x: 0.5 * x + 0.5, donate_argnums=0)
-    return Case(STREAM, f, jnp.ones((n,), jnp.float32), 2 * 4 * n)
+    return Case(STREAM, f, jnp.ones((n,), jnp.float32), 2 * 4 * n, lower=f.lower)
 
 
 def leaf_stream_case(params: list) -> Case:
     """The stream over the params' leaves: the floor of any per-leaf update."""
     f = jax.jit(lambda t: [0.5 * x + 0.5 for x in t], donate_argnums=0)
     carry = [jnp.ones_like(x) for x in params]
-    return Case(LEAF_STREAM, f, carry, 2 * sum(x.nbytes for x in params), STREAM)
+    ideal = 2 * sum(x.nbytes for x in params)
+    return Case(LEAF_STREAM, f, carry, ideal, STREAM, lower=f.lower)
 
 
 def update_case(name, tx, grads, ideal, twin=None, options=None) -> Case:
@@ -173,7 +193,8 @@ def update_case(name, tx, grads, ideal, twin=None, options=None) -> Case:
 
     f = jax.jit(step, donate_argnums=1, keep_unused=True, compiler_options=options)
     carry = (_fresh(tx.init(grads)), jax.tree.map(jnp.zeros_like, grads))
-    return Case(name, lambda c: f(grads, c), carry, ideal, twin)
+    lower = functools.partial(f.lower, grads)
+    return Case(name, lambda c: f(grads, c), carry, ideal, twin, lower)
 
 
 def train_case(name, tx, params, grads, ideal, twin=None, options=None) -> Case:
@@ -187,7 +208,14 @@ def train_case(name, tx, params, grads, ideal, twin=None, options=None) -> Case:
     f = jax.jit(step, donate_argnums=1, compiler_options=options)
     loss = jnp.float32(1.0)
     carry = _fresh((params, tx.init(params)))
-    return Case(name, lambda c: f(grads, c, loss), carry, ideal, twin)
+    return Case(
+        name,
+        lambda c: f(grads, c, loss),
+        carry,
+        ideal,
+        twin,
+        lambda c: f.lower(grads, c, loss),
+    )
 
 
 def _median_cases(params, grads, p_bytes) -> tuple[Case, Case]:
@@ -198,7 +226,8 @@ def _median_cases(params, grads, p_bytes) -> tuple[Case, Case]:
     def case(name, fn, twin):
         f = jax.jit(lambda r, out: fn(r), donate_argnums=1, keep_unused=True)
         carry = jax.tree.map(jnp.zeros_like, params)
-        return Case(name, lambda c: f(ring, c), carry, 10 * p_bytes, twin)
+        lower = functools.partial(f.lower, ring)
+        return Case(name, lambda c: f(ring, c), carry, 10 * p_bytes, twin, lower)
 
     def jnp_median(r):
         return jax.tree.map(lambda v: jnp.median(v, axis=0), r.values)

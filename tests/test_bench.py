@@ -82,6 +82,9 @@ def test_tiny_run_times_every_case_against_its_twin(tmp_path, capsys):
         if row["twin"] is not None:
             assert row["twin"] in steps
             _check_quartiles(row, "x_twin")
+    # XLA's bytes of the one-kernel stream: read x, write x, 4 bytes each.
+    assert steps["stream x = 0.5*x + 0.5"]["hlo_bytes"] == 2 * 4 * 4096
+    assert all(row["hlo_bytes"] > 0 for row in steps.values())
     assert steps["ema_smoothing(0.9)"]["twin"] == "optax.ema(0.9)"
     assert steps["spike_guard(adam) + apply"]["twin"] == "optax.adam + apply"
     assert steps["spike_clip() [RA]"]["twin"] == "optax.ema(0.9) [RA]"
@@ -90,6 +93,7 @@ def test_tiny_run_times_every_case_against_its_twin(tmp_path, capsys):
     for row in targets:
         _check_quartiles(row, "ratio")
         assert row["ok"] == (row["low"] <= row["ratio"] <= row["high"])
+        assert row["hlo_ratio"] > 0
     assert {"kind": "check", "case": "median network == jnp.median", "ok": True} in rows
     assert json.loads(path.read_text()) == rows
     out = capsys.readouterr().out
