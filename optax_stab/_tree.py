@@ -45,24 +45,28 @@ of the leaves is applied to the stacked group, not leaf by leaf: XLA splits
 a sum over a stack of computed per-leaf arrays back into one small
 reduction per leaf.
 
-**Per-leaf kernels.** XLA:CPU compiles every leaf's kernel through MLIR
-and LLVM, at a cost that grows with the operations in it. On 256 leaves of
-1K, scaling each leaf by its own scalar input compiled in 0.11 s, a 20-step
-elementwise chain per leaf in 5.4 s (0.07 s on one leaf), and scaling by
-slices ``v[i]`` of one vector of scalars in 2.1 s against 0.09 s for
-separate scalar inputs. Per-leaf results that feed per-leaf kernels
-(:func:`leaf_norms`) therefore keep one plain reduction per leaf, as
-separate scalars. Results that are only reduced or stored come as one
-vector (:func:`leaf_norm_vector`): ``health_monitor``'s lower+compile on
-1024 leaves of 1K went from 18.7 s to 8.6 s with it (the twin,
-``optax.clip_by_global_norm``: 3.9 s), while ``adaptive_tensor_clip``, whose
-per-leaf clips read the norms, compiled in 26.7 s against 11.2 s from the
-vector at 512 leaves. Both rescue the leaves' sums in one branch
-(:func:`_rescued_leaf_sums`), small leaves summed stacked. On 1024 leaves
-of 1K, jitted alone: :func:`leaf_norms` compiled in 13.0 s (14.7 s when the
-rescue summed leaf by leaf) and ran in 5.1 ms, 5.9 ms when a zero leaf takes
-the rescue (6.5 and 7.2 ms before); :func:`leaf_norm_vector` compiled in
-3.0 s and ran in 2.6 ms, 3.1 ms with the rescue.
+**Per-leaf kernels.** XLA:CPU compiles a fused kernel once for all the
+fusions that are the same computation, and every other one on its own, at
+about 6 ms each (256 leaves of 1K: ``x * 2`` in every leaf 0.07 s, ``x * (i
++ 1)`` 1.63 s); and its HLO passes cost time for every instruction of every
+leaf (docs/benchmarks.md, "What a leaf costs to compile"). A slice ``v[i]``
+of one vector of per-leaf scalars makes each leaf's kernel its own (scaling
+every leaf by ``v[i]``: 1.77 s, by separate scalar inputs 0.09 s), so
+per-leaf results that feed per-leaf kernels (:func:`leaf_norms`) keep one
+plain reduction per leaf, as separate scalars. Results that are only
+reduced or stored come as one vector (:func:`leaf_norm_vector`), whose
+plain sums reduce the small leaves stacked, one kernel per stack, as
+:func:`aligned_groups` does: ``health_monitor``'s lower+compile on 1024
+leaves of 1K took 18.7 s with separate scalars, 10.8 s with the vector of
+per-leaf sums and 8.4 s with stacked sums (the twin,
+``optax.clip_by_global_norm``: 5.2 s), and ``chain(health_monitor(), adam)``
+plus ``apply_updates`` ran at 1.43-1.47x Adam's step on those leaves instead
+of 1.69x. ``adaptive_tensor_clip``, whose per-leaf clips read the norms,
+compiled in 26.7 s against 11.2 s from a vector at 512 leaves. Both rescue
+the leaves' sums in one branch (:func:`_rescued_leaf_sums`), small leaves
+summed stacked. On 1024 leaves of 1K, jitted alone: :func:`leaf_norms`
+compiled in 13.0 s (14.7 s when the rescue summed leaf by leaf) and ran in
+5.1 ms, 5.9 ms when a zero leaf takes the rescue (6.5 and 7.2 ms before).
 
 **Squares of their own.** A norm taken of the raw gradients that an inner
 optimizer then squares too (``spike_guard(adam)``, ``chain(health_monitor(),
@@ -287,17 +291,28 @@ def _rescued_leaf_sums(
     scaled sums in leaf order, and the vector of factors.
     """
     c = _rescue_scale(totals)
+    return _stacked_leaf_sums(leaves, dtype, c), c
+
+
+def _stacked_leaf_sums(leaves: list, dtype: Any, c: Any = None) -> jax.Array:
+    """Each leaf's sum of squares (scaled by ``c[i]``), as a vector in leaf order.
+
+    The small leaves are summed stacked per shape and dtype, one kernel per
+    stack.
+    """
     alone, stacks = _leaf_groups([leaves])
     parts, order = [], []
     for i in alone:
-        parts.append(squared_norm(leaves[i], dtype, c[i])[None])
+        parts.append(squared_norm(leaves[i], dtype, None if c is None else c[i])[None])
         order.append(i)
     for idx in stacks:
         x = jnp.stack([leaves[i] for i in idx])
-        rows = c[np.asarray(idx)].reshape((-1,) + (1,) * (x.ndim - 1))
+        rows = None
+        if c is not None:
+            rows = c[np.asarray(idx)].reshape((-1,) + (1,) * (x.ndim - 1))
         parts.append(squared_norm(x, dtype, rows, axes=tuple(range(1, x.ndim))))
         order += idx
-    return jnp.concatenate(parts)[np.argsort(np.asarray(order))], c
+    return jnp.concatenate(parts)[np.argsort(np.asarray(order))]
 
 
 @functools.cache
@@ -360,17 +375,17 @@ def leaf_norm_vector(
 ) -> jax.Array:
     """The norms of :func:`leaf_norms` as one vector, in leaf order.
 
-    The same values. The plain sums are stacked and rescued as one vector
-    (one ``psum`` across ``axis_name``), which compiles faster than separate
-    scalars when the norms are reduced or stored (``health_monitor`` on 1024
-    leaves of 1K on CPU: 8.6 s against 18.7 s) and slower when each feeds its
-    own leaf's kernel (module note, "Per-leaf kernels").
+    The same values. The plain sums of the small leaves are taken stacked
+    (one kernel per stack), and all are rescued as one vector (one ``psum``
+    across ``axis_name``), which compiles and runs faster than separate
+    scalars when the norms are reduced or stored, and compiles slower when
+    each feeds its own leaf's kernel (module note, "Per-leaf kernels").
     """
     dtype = _numerics.resolve_dtype(dtype)
-    sums, leaves, _ = _leaf_norm_inputs(tree, dtype)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     if not leaves:
         return jnp.zeros([0], dtype)
-    totals = _psum(jnp.stack(sums), axis_name)
+    totals = _psum(_stacked_leaf_sums(leaves, dtype), axis_name)
     _, (slow, fast) = _leaf_norm_branches(axis_name, dtype)
     return jax.lax.cond(jnp.any(_needs_rescue(totals)), slow, fast, totals, leaves)
 
