@@ -357,8 +357,7 @@ def _per_leaf_table(rows: list[dict], small: int = 8, large: int = 24) -> None:
     makers.update((name, make) for name, make, _ in cases_lib.COMPILE_CASES)
     per_leaf = {}
     for row in rows:
-        a, b = (cases_lib.hlo_counts(makers[row["case"]](), n) for n in (small, large))
-        counts = {k: (b[k] - a[k]) / (large - small) for k in a}
+        counts = cases_lib.per_leaf_counts(makers[row["case"]](), small, large)
         per_leaf[row["case"]] = row["per_leaf"] = counts
         twin = "" if row["twin"] is None else per_leaf[row["twin"]]["ops"]
         ratio = f"{counts['ops'] / twin:12.2f}" if twin else ""

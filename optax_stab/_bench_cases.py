@@ -395,3 +395,10 @@ def hlo_counts(tx, leaves: int, leaf_size: int = 1024) -> dict[str, int]:
     called = re.findall(r" fusion\(.*?calls=(%[\w.\-]+)", text)
     distinct = len({bodies[c] for c in called if c in bodies})
     return {"ops": ops, "kernels": kernels, "distinct": distinct}
+
+
+def per_leaf_counts(tx, small: int = 8, large: int = 24) -> dict[str, float]:
+    """:func:`hlo_counts` per leaf: the difference from ``small`` to ``large``
+    leaves over ``large - small`` (the constant part cancels)."""
+    a, b = (hlo_counts(tx, n) for n in (small, large))
+    return {k: (b[k] - a[k]) / (large - small) for k in a}

@@ -227,11 +227,6 @@ def test_tree_wide_decisions_are_computed_once_not_in_every_leaf_kernel():
         assert extra[1] - extra[0] <= 4 * (32 - 8), extra
 
 
-def _per_leaf(tx, small: int = 8, large: int = 24) -> dict[str, float]:
-    a, b = (_bench_cases.hlo_counts(tx, n) for n in (small, large))
-    return {k: (b[k] - a[k]) / (large - small) for k in a}
-
-
 def test_health_monitor_sums_its_small_leaves_stacked():
     # Summed leaf by leaf, a 1K leaf's norm is three kernels on XLA:CPU (the
     # elementwise part, a partial and a final reduction): 5.25 kernels per
@@ -240,6 +235,6 @@ def test_health_monitor_sums_its_small_leaves_stacked():
     # and the copy of its update (1.9 measured).
     import optax_stab
 
-    ours = _per_leaf(optax_stab.health_monitor())
-    twin = _per_leaf(optax.clip_by_global_norm(1.0))
+    ours = _bench_cases.per_leaf_counts(optax_stab.health_monitor())
+    twin = _bench_cases.per_leaf_counts(optax.clip_by_global_norm(1.0))
     assert ours["kernels"] <= twin["kernels"] - 1, (ours, twin)
