@@ -107,8 +107,11 @@ class SpikeGuardStreamTest(parameterized.TestCase):
         ref_updates, ref_states = _runner(optax.with_extra_args_support(ADAM))(
             jax.tree.map(lambda x: x[keep], grads), losses[keep]
         )
+        # Two different compiled programs round differently: atol is a few
+        # float32 ulps at the updates' scale (lr = 1e-2, ulp ~1e-9), for the
+        # elements near zero where rtol alone asks for more than float32 has.
         chex.assert_trees_all_close(
-            jax.tree.map(lambda x: x[keep], updates), ref_updates, rtol=1e-6
+            jax.tree.map(lambda x: x[keep], updates), ref_updates, rtol=1e-6, atol=1e-8
         )
         chex.assert_trees_all_close(
             _at(states.inner_state, -1), _at(ref_states, -1), rtol=1e-6
