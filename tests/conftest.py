@@ -2,8 +2,10 @@
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
+from importlib.metadata import version
 
 import pytest
 
@@ -15,16 +17,18 @@ import pytest
 # 175 s on 2 cores), though they compile large trees slower: the compile and
 # HLO-count tests pin the default back (_bench_cases.default_pipeline).
 # Speed is measured by `optax-stab bench`, never here.
-os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_backend_optimization_level=0",
-        "--xla_llvm_disable_expensive_passes=true",
-        "--xla_cpu_use_fusion_emitters=false",
-    ]
-).strip()
+_FLAGS = [
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+]
+# An XLA flag that an older jaxlib does not know aborts the process, so the
+# emitter flag is only set on the jaxlib it was measured with (and later).
+_JAXLIB = tuple(int(v) for v in re.findall(r"\d+", version("jaxlib"))[:2])
+if _JAXLIB >= (0, 10):
+    _FLAGS.append("--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 
-import chex
+import chex  # noqa: E402
 
 chex.set_n_cpu_devices(8)
 
