@@ -14,7 +14,7 @@ import pytest
 # fast math at any level); only the generated machine code is less tuned.
 # XLA:CPU's older kernel emitters compile the suite's small programs in about
 # half the time of its default MLIR fusion emitters (the whole suite: 304 s ->
-# 175 s on 2 cores), though they compile large trees slower: the compile and
+# 175-204 s on 2 cores), though they compile large trees slower: the compile and
 # HLO-count tests pin the default back (_bench_cases.default_pipeline).
 # Speed is measured by `optax-stab bench`, never here.
 _FLAGS = [
