@@ -1,4 +1,4 @@
-"""Loads the scripts in ``examples/`` as modules, for the tests that run them."""
+"""Loads the scripts in ``examples/`` (and ``benchmarks/``) as modules, for tests."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import sys
 import types
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+BENCHMARKS = EXAMPLES.parent / "benchmarks"
 
 
-def load_example(name: str) -> types.ModuleType:
-    """Imports ``examples/<name>.py`` as it runs as a script (examples on the path)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
+def load_example(name: str, folder: pathlib.Path = EXAMPLES) -> types.ModuleType:
+    """Imports ``<folder>/<name>.py`` as run as a script (its folder on the path)."""
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
+        f"{folder.name}_{name}", folder / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

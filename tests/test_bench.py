@@ -2,10 +2,13 @@
 
 import json
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
 from optax_stab import _bench, _bench_cases, _cli
+from tests import _examples
 
 STEP_CASES = {
     "stream x = 0.5*x + 0.5",
@@ -140,3 +143,20 @@ def test_hlo_counts_tell_shared_kernels_from_leaf_specific_ones():
         assert b["ops"] > a["ops"]
     assert shared[1]["distinct"] == shared[0]["distinct"] == 1
     assert own[0]["distinct"] == 4 and own[1]["distinct"] == 12
+
+
+def test_floors_compute_what_the_transforms_compute(capsys):
+    # benchmarks/floors.py compares each transform with its algorithm written
+    # bare in plain JAX; the comparison means something only if both compute
+    # the same outputs on finite gradients (after the median's warm-up).
+    floors = _examples.load_example("floors", _examples.BENCHMARKS)
+    floors.check_floors()
+    assert "floors match ours" in capsys.readouterr().out
+    # The bare moving average is an independent reference: a window of 3.
+    tx = floors.moving_average_floor(3)
+    state = tx.init(jnp.zeros(1))
+    outs = []
+    for g in (1.0, 2.0, 6.0, 10.0):
+        u, state = tx.update(jnp.array([g]), state)
+        outs.append(float(u[0]))
+    np.testing.assert_allclose(outs, [1.0, 1.5, 3.0, 6.0], rtol=1e-6)
